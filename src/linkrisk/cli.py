@@ -1,0 +1,133 @@
+"""Command-line interface: ``linkrisk demo`` and ``linkrisk audit``.
+
+A :class:`~linkrisk.errors.LinkriskError` is printed as one line on
+standard error with exit status 2; no traceback reaches the user for an
+input problem.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from linkrisk import __version__
+from linkrisk.errors import ConfigError, LinkriskError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Measure and reduce image-to-report re-linkage risk in vision-language embeddings.")
+err_console = Console(stderr=True)
+
+DATA_ENV = "LINKRISK_DATA"
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s", datefmt="%H:%M:%S",
+                        handlers=[RichHandler(console=err_console, show_path=False, markup=False)], force=True)
+
+
+def _fail(err: LinkriskError) -> None:
+    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+    raise typer.Exit(code=2)
+
+
+def _parse_pools(text: str) -> list[int | str]:
+    pools: list[int | str] = []
+    for part in text.split(","):
+        part = part.strip()
+        if part == "full":
+            pools.append("full")
+        elif part.isdigit() and int(part) >= 2:
+            pools.append(int(part))
+        else:
+            raise ConfigError(f"invalid pool size {part!r} in --pools; use integers >= 2 or 'full', comma-separated")
+    return pools
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in text.split(",")]
+    except ValueError:
+        ks = []
+    if not ks or min(ks) < 1:
+        raise ConfigError(f"invalid --ks {text!r}; use positive integers, comma-separated (for example 1,5,10)")
+    return ks
+
+
+@app.command()
+def demo(
+    data: Annotated[Optional[Path], typer.Option(help=f"Folder with covid-chestxray/ and openi/ (default: ${DATA_ENV} or ../shared/data).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for results.json, report.html, embeddings/ and models/.")] = Path("runs/demo"),
+    cache_dir: Annotated[Optional[Path], typer.Option(help="Encoder feature cache (default: OUT/cache).")] = None,
+    epsilon: Annotated[float, typer.Option(help="Target ε of the DP heads, per patient.")] = 0.34,
+    delta: Annotated[Optional[float], typer.Option(help="Target δ (default: 6e-6, or 0.1/n when smaller).")] = None,
+    image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
+    seed: Annotated[int, typer.Option(help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
+    n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
+) -> None:
+    """Train, audit, mitigate with DP, re-audit and probe on the real COVID-19 and Open-i cohorts."""
+    _setup_logging(quiet)
+    from linkrisk.mitigate import DPConfig
+    from linkrisk.pipeline import DemoConfig, run_demo
+
+    data_dir = data or Path(os.environ.get(DATA_ENV, "../shared/data"))
+    try:
+        if not data_dir.is_dir():
+            raise ConfigError(f"data folder {data_dir} not found; pass --data or set {DATA_ENV}")
+        config = DemoConfig(data_dir=data_dir, out_dir=out, cache_dir=cache_dir, image_encoder=image_encoder,
+                            seed=seed, n_boot=n_boot, dp=DPConfig(epsilon=epsilon, delta=delta), progress=not quiet)
+        run_demo(config)
+    except LinkriskError as err:
+        _fail(err)
+
+
+@app.command()
+def audit(
+    embeddings: Annotated[Path, typer.Argument(help="Folder with image.npy, report.npy and pairs.parquet.")],
+    pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
+    ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
+    n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,
+    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
+) -> None:
+    """Audit saved embeddings: image-to-report Recall@K with lift and patient-bootstrap intervals."""
+    _setup_logging(quiet=True)
+    from linkrisk.audit.embeddings import audit_folder
+    from linkrisk._io import write_json
+
+    try:
+        result = audit_folder(embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed)
+    except LinkriskError as err:
+        _fail(err)
+    if json_out:
+        write_json(json_out, result)
+    console = Console()
+    console.print(f"{result['n_queries']} queries, {result['n_candidates']} candidates, "
+                  f"{result['queries_with_ties']} with ties")
+    for entry in result["recall"]:
+        console.print(f"  N={entry['pool']!s:>5} K={entry['k']:>3}  Recall {entry['value']:.4f} "
+                      f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
+                      f"lift {entry['lift']:.2f}")
+    console.print(f"  mean normalised rank {result['full_pool']['mean_normalised_rank']:.4f} (chance 0.5)")
+
+
+@app.command()
+def version() -> None:
+    """Print the linkrisk version."""
+    typer.echo(__version__)
+
+
+def main() -> None:
+    app(prog_name="linkrisk")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

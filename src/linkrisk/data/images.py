@@ -1,0 +1,50 @@
+"""Decode radiographs into grayscale float arrays, with clear failures."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+# Pillow raises DecompressionBombError above twice this many pixels and
+# warns above it; the warning is turned into a failure here as well.
+MAX_PIXELS = 89_478_485
+
+
+class ImageReadError(Exception):
+    """An image file that cannot be decoded; ``str()`` names the file and the cause."""
+
+
+def load_grayscale(path: str | Path, size: int) -> np.ndarray:
+    """Decode one image to a ``[size, size]`` float32 array in [0, 1].
+
+    Colour, alpha and palette images are converted to luminance; 16-bit
+    and 32-bit integer images are scaled by their maximum. The image is
+    resized to a square (bilinear) without keeping the aspect ratio.
+
+    Raises:
+        ImageReadError: missing, truncated, undecodable or oversized file.
+    """
+    path = Path(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise ImageReadError(f"{path}: {img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} pixel limit")
+                img.load()
+                if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    array = np.asarray(img, dtype=np.float32)
+                    array = array / max(float(array.max()), 1.0)
+                else:
+                    array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+    except FileNotFoundError as err:
+        raise ImageReadError(f"{path}: file not found") from err
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as err:
+        raise ImageReadError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
+
+    resized = Image.fromarray(array, mode="F").resize((size, size), Image.Resampling.BILINEAR)
+    return np.asarray(resized, dtype=np.float32)

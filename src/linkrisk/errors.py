@@ -1,0 +1,19 @@
+"""Exceptions for inputs a user can fix.
+
+The CLI prints a ``LinkriskError`` as one line and exits with status 2;
+any other exception is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class LinkriskError(Exception):
+    """An input or option problem, with the record it concerns and the fix."""
+
+
+class InputError(LinkriskError):
+    """A data file, row or record that cannot be used as it is."""
+
+
+class ConfigError(LinkriskError):
+    """An option value outside its allowed range or set."""

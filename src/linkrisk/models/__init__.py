@@ -1,0 +1,1 @@
+"""Frozen encoders, trainable projection heads and the feature cache."""

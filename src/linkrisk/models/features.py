@@ -1,0 +1,118 @@
+"""Encoder features computed once, in chunks, and cached on disk.
+
+Cache layout: ``<cache_dir>/features/<encoder name>/<chunk key>.npz``.
+A chunk key hashes the encoder config and, for images, each image's id,
+path, byte size and modification time (for texts, the texts), so a
+changed file or encoder setting misses the cache and a killed run resumes
+at the first chunk not yet written. Chunks are written atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from rich.progress import Progress
+
+from linkrisk._io import atomic_write
+from linkrisk._logging import logger
+from linkrisk.data.cohort import PairedCohort
+from linkrisk.data.images import ImageReadError, load_grayscale
+from linkrisk.models.image_encoders import ImageEncoder, encoder_key
+
+
+def _chunk_key(encoder_config: dict, items: Sequence[str]) -> str:
+    digest = hashlib.sha256(encoder_key(encoder_config).encode())
+    for item in items:
+        digest.update(b"\0" + item.encode("utf-8", "surrogatepass"))
+    return digest.hexdigest()[:24]
+
+
+def _file_stamp(image_id: str, path: str) -> str:
+    try:
+        stat = Path(path).stat()
+        return f"{image_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}"
+    except OSError:
+        return f"{image_id}|{path}|missing"
+
+
+def _save_chunk(path: Path, **arrays: np.ndarray) -> None:
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+    atomic_write(path, write)
+
+
+def _run_chunks(n: int, chunk_size: int, description: str, key_of: Callable[[slice], str], cache: Path,
+                compute: Callable[[slice], dict[str, np.ndarray]], progress: bool) -> list[dict[str, np.ndarray]]:
+    chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
+    results, reused = [], 0
+    with Progress(disable=not progress, transient=True) as bar:
+        task = bar.add_task(description, total=n)
+        for chunk in chunks:
+            path = cache / f"{key_of(chunk)}.npz"
+            if path.exists():
+                with np.load(path, allow_pickle=False) as stored:
+                    results.append({name: stored[name] for name in stored.files})
+                reused += 1
+            else:
+                arrays = compute(chunk)
+                _save_chunk(path, **arrays)
+                results.append(arrays)
+            bar.advance(task, chunk.stop - chunk.start)
+    logger.info("%s: %d chunks, %d reused from cache %s", description, len(chunks), reused, cache)
+    return results
+
+
+def embed_images(cohort: PairedCohort, encoder: ImageEncoder, cache_dir: Path, chunk_size: int = 64,
+                 progress: bool = True) -> tuple[np.ndarray, PairedCohort]:
+    """Encode every image of ``cohort``; drop and count the ones that fail to decode.
+
+    Returns:
+        ``(features, cohort)``: float32 ``[n_ok, encoder.feature_dim]`` whose
+        rows follow the returned cohort's image table, which lacks the
+        unreadable images.
+    """
+    config = encoder.config()
+    cache = Path(cache_dir) / "features" / encoder.name
+    ids = cohort.images["image_id"].tolist()
+    paths = cohort.images["image_path"].tolist()
+    stamps = [_file_stamp(i, p) for i, p in zip(ids, paths)]
+
+    def compute(chunk: slice) -> dict[str, np.ndarray]:
+        pixels = np.zeros((chunk.stop - chunk.start, encoder.image_size, encoder.image_size), np.float32)
+        errors = np.full(chunk.stop - chunk.start, "", dtype=object)
+        for row, path in enumerate(paths[chunk]):
+            try:
+                pixels[row] = load_grayscale(path, encoder.image_size)
+            except ImageReadError as err:
+                errors[row] = str(err)
+        features = encoder.encode(pixels)
+        return {"features": features, "errors": errors.astype(str)}
+
+    chunks = _run_chunks(len(ids), chunk_size, f"{cohort.name}: image features ({encoder.name})",
+                         lambda c: _chunk_key(config, stamps[c]), cache, compute, progress)
+    features = np.concatenate([c["features"] for c in chunks]) if chunks else np.zeros((0, encoder.feature_dim), np.float32)
+    errors = np.concatenate([c["errors"] for c in chunks]) if chunks else np.zeros(0, str)
+    failed = errors != ""
+    for message in errors[failed]:
+        logger.warning("%s: unreadable image skipped: %s", cohort.name, message)
+    cohort = cohort.drop_images([ids[i] for i in np.flatnonzero(failed)], "unreadable image file")
+    return features[~failed], cohort
+
+
+def embed_texts(texts: Sequence[str], encoder, cache_dir: Path, name: str, chunk_size: int = 1024,
+                progress: bool = True) -> np.ndarray:
+    """Encode report texts in cached chunks; returns float32 ``[len(texts), encoder.feature_dim]``."""
+    config = encoder.config()
+    cache = Path(cache_dir) / "features" / encoder.name
+    texts = list(texts)
+    chunks = _run_chunks(len(texts), chunk_size, f"{name}: text features ({encoder.name})",
+                         lambda c: _chunk_key(config, texts[c]), cache,
+                         lambda c: {"features": encoder.encode(texts[c])}, progress)
+    if not chunks:
+        return np.zeros((0, encoder.feature_dim), np.float32)
+    return np.concatenate([c["features"] for c in chunks])

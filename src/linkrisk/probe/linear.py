@@ -1,0 +1,93 @@
+"""Linear-probe macro AUROC: one logistic regression per label on image embeddings.
+
+A label enters the macro average only when its known values include both
+classes in the training split and in the test split; otherwise AUROC is
+undefined there and the label is listed as skipped with the reason.
+Uncertain (-1) and unknown (NaN) values are left out of that label's fit
+and score.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+
+from linkrisk._logging import logger
+
+
+def _usable(y: np.ndarray) -> np.ndarray:
+    return np.isin(y, (0.0, 1.0))
+
+
+def probe_macro_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarray, test_y: np.ndarray,
+                      test_groups: np.ndarray, label_names: list[str], n_boot: int = 1000, seed: int = 0,
+                      C: float = 1.0) -> dict:
+    """Fit one probe per label and report macro AUROC on the test split, with a patient-bootstrap CI.
+
+    Args:
+        train_x, test_x: ``[n, D]`` image embeddings.
+        train_y, test_y: ``[n, L]`` labels (1, 0, -1 uncertain, NaN unknown).
+        test_groups: ``[n_test]`` patient ids; the bootstrap resamples patients.
+        label_names: ``L`` names.
+        C: inverse L2 regularisation strength of scikit-learn's ``LogisticRegression``.
+
+    Returns:
+        ``{"macro_auroc", "ci95", "labels": [{name, auroc, n_train_pos, n_test_pos}], "skipped_labels"}``.
+        ``macro_auroc`` is NaN, with a warning, when no label is usable.
+    """
+    scores: dict[int, np.ndarray] = {}
+    labels, skipped = [], []
+    for j, name in enumerate(label_names):
+        tr, te = _usable(train_y[:, j]), _usable(test_y[:, j])
+        n_train_pos, n_test_pos = int((train_y[tr, j] == 1).sum()), int((test_y[te, j] == 1).sum())
+        if min(n_train_pos, tr.sum() - n_train_pos, n_test_pos, te.sum() - n_test_pos) == 0:
+            skipped.append({"name": name, "reason": "needs positives and negatives in both splits",
+                            "n_train_pos": n_train_pos, "n_test_pos": n_test_pos})
+            continue
+        model = LogisticRegression(C=C, max_iter=5000)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            model.fit(train_x[tr], train_y[tr, j])
+        score = np.full(len(test_x), np.nan)
+        score[te] = model.decision_function(test_x[te])
+        scores[j] = score
+        labels.append({"name": name, "auroc": float(roc_auc_score(test_y[te, j], score[te])),
+                       "n_train_pos": n_train_pos, "n_test_pos": n_test_pos})
+
+    if not labels:
+        warnings.warn("probe macro AUROC is undefined: no label has both classes in both splits; returning NaN",
+                      RuntimeWarning, stacklevel=2)
+        return {"macro_auroc": float("nan"), "ci95": [float("nan"), float("nan")], "labels": [],
+                "skipped_labels": skipped}
+
+    macro = float(np.mean([entry["auroc"] for entry in labels]))
+    ci = _bootstrap_macro(scores, test_y, np.asarray(test_groups), n_boot, seed)
+    logger.info("probe: macro AUROC %.3f over %d labels (%d skipped)", macro, len(labels), len(skipped))
+    return {"macro_auroc": macro, "ci95": ci, "labels": labels, "skipped_labels": skipped}
+
+
+def _bootstrap_macro(scores: dict[int, np.ndarray], test_y: np.ndarray, groups: np.ndarray, n_boot: int,
+                     seed: int) -> list[float]:
+    """Percentile CI of macro AUROC over patient resamples; a label lacking a class in a resample is left out of it."""
+    rng = np.random.default_rng(seed)
+    unique, index = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(index == g) for g in range(len(unique))]
+    stats = []
+    for _ in range(n_boot):
+        rows = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
+        values = []
+        for j, score in scores.items():
+            y = test_y[rows, j]
+            usable = _usable(y)
+            if 0 < (y[usable] == 1).sum() < usable.sum():
+                values.append(roc_auc_score(y[usable], score[rows][usable]))
+        if values:
+            stats.append(np.mean(values))
+    if not stats:
+        return [float("nan"), float("nan")]
+    low, high = np.percentile(stats, [2.5, 97.5])
+    return [float(low), float(high)]

@@ -1,0 +1,1 @@
+"""Outputs: the results JSON and a self-contained HTML report."""
