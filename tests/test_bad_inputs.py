@@ -1,0 +1,155 @@
+"""Bad records in real layouts: counted skips or one-line errors that name the record, never a traceback."""
+
+from __future__ import annotations
+
+import io
+import logging
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from linkrisk.data import load_covid, load_openi
+from linkrisk.errors import InputError
+from linkrisk.models.features import embed_images
+from linkrisk.models.image_encoders import create_image_encoder
+
+LINKRISK = [sys.executable, "-m", "linkrisk.cli"]
+
+
+@pytest.fixture(scope="module")
+def bad_covid(data_dir, tmp_path_factory) -> Path:
+    """A copy of 80 usable COVID rows plus one row per bad case, with a truncated and a zero-byte image."""
+    source = data_dir / "covid-chestxray"
+    root = tmp_path_factory.mktemp("bad") / "covid-chestxray"
+    (root / "images").mkdir(parents=True)
+    table = pd.read_csv(source / "metadata.csv", dtype=str, keep_default_na=False)
+    usable = table[(table["modality"] == "X-ray") & (table["clinical_notes"].str.strip() != "")
+                   & table["filename"].map(lambda f: (source / "images" / f).is_file())]
+    usable = usable[~usable["filename"].duplicated()].head(80)
+    for name in usable["filename"]:
+        os.symlink(source / "images" / name, root / "images" / name)
+
+    template = usable.iloc[0]
+    png = next(f for f in usable["filename"] if f.endswith(".png"))
+    data = (source / "images" / png).read_bytes()
+    (root / "images" / "truncated.png").write_bytes(data[: len(data) // 3])
+    (root / "images" / "empty.jpg").write_bytes(b"")
+    extra = []
+    for filename, note in [("absent.jpg", "x"), ("truncated.png", None), ("empty.jpg", None),
+                           (usable["filename"].iloc[1], None), ("noreport.png", "")]:
+        row = template.copy()
+        row["filename"] = filename
+        row["patientid"] = "9001"
+        if note is not None:
+            row["clinical_notes"] = note
+        extra.append(row)
+    (root / "images" / "noreport.png").write_bytes(data)
+    pd.concat([usable, pd.DataFrame(extra)]).to_csv(root / "metadata.csv", index=False)
+    os.symlink(data_dir / "openi", root.parent / "openi")
+    return root
+
+
+def test_covid_counts_each_bad_row(bad_covid, caplog):
+    with caplog.at_level(logging.INFO, logger="linkrisk"):
+        cohort = load_covid(bad_covid)
+    assert cohort.skipped["image file not in images/"] == 1
+    assert cohort.skipped["empty clinical note"] == 1
+    assert cohort.skipped["image file listed twice"] == 1
+    assert "csv rows 85" in caplog.text  # the duplicate is the 84th data row, line 85 of the file
+    assert cohort.n_images == 82
+
+
+def test_unreadable_images_skipped_by_name(bad_covid, tmp_path, caplog):
+    cohort = load_covid(bad_covid)
+    with caplog.at_level(logging.WARNING, logger="linkrisk"):
+        features, kept = embed_images(cohort, create_image_encoder("randconv"), tmp_path, progress=False)
+    assert kept.skipped["unreadable image file"] == 2
+    assert set(cohort.images["image_id"]) - set(kept.images["image_id"]) == {"truncated.png", "empty.jpg"}
+    assert "truncated.png" in caplog.text and "empty.jpg" in caplog.text
+    assert features.shape == (80, create_image_encoder("randconv").feature_dim)
+    assert np.isfinite(features).all()
+
+
+def test_demo_cli_on_bad_rows_has_no_traceback(bad_covid, tmp_path):
+    result = subprocess.run([*LINKRISK, "demo", "--data", str(bad_covid.parent), "--out", str(tmp_path / "out"),
+                             "--n-boot", "50", "--quiet"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr
+    assert "truncated.png" in result.stderr
+    assert (tmp_path / "out" / "results.json").is_file()
+
+
+def test_cli_missing_data_folder_is_one_line(tmp_path):
+    result = subprocess.run([*LINKRISK, "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert re.search(r"error: data folder .*nowhere not found", result.stderr)
+
+
+def test_cli_audit_missing_embeddings_is_one_line(tmp_path):
+    result = subprocess.run([*LINKRISK, "audit", str(tmp_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "image.npy: not found" in result.stderr
+
+
+def test_cli_audit_matches_demo(demo_run):
+    out, results = demo_run
+    run = next(r for r in results["runs"] if r["cohort"] == "covid_train" and r["heads"] == "original")
+    json_path = out / "cli-audit.json"
+    result = subprocess.run([*LINKRISK, "audit", str(out / run["embeddings"]), "--n-boot", "500",
+                             "--json", str(json_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    import json
+
+    again = json.loads(json_path.read_text())
+    assert again["recall"] == run["recall"]
+
+
+def _openi_copy(data_dir: Path, root: Path, blank_uid: str) -> Path:
+    """Copy Open-i with the findings and impression of one report emptied."""
+    root.mkdir()
+    shutil.copytree(data_dir / "openi" / "NLMCXR_png", root / "NLMCXR_png")
+    with tarfile.open(data_dir / "openi" / "NLMCXR_reports.tgz") as src, \
+            tarfile.open(root / "NLMCXR_reports.tgz", "w:gz") as dst:
+        for member in src:
+            data = src.extractfile(member).read() if member.isfile() else None
+            if data is not None and f"<uId id=\"{blank_uid}\"/>".encode() in data:
+                data = re.sub(rb'(<AbstractText Label="(FINDINGS|IMPRESSION)">)[^<]*', rb"\1", data)
+                member.size = len(data)
+            dst.addfile(member, io.BytesIO(data) if data is not None else None)
+    return root
+
+
+def test_openi_empty_report_skips_its_image(data_dir, tmp_path, caplog):
+    png = sorted((data_dir / "openi" / "NLMCXR_png").glob("*.png"))[0]
+    uid = png.name.split("_")[0]
+    root = _openi_copy(data_dir, tmp_path / "openi", uid)
+    with caplog.at_level(logging.WARNING, logger="linkrisk"):
+        cohort = load_openi(root)
+    assert cohort.n_images == 39
+    assert cohort.skipped["image's report has no text"] == 1
+    assert cohort.skipped["report has no text in the chosen sections"] == 29
+    assert png.name in caplog.text
+
+
+def test_openi_corrupt_archive_is_clear(tmp_path):
+    (tmp_path / "NLMCXR_png").mkdir()
+    (tmp_path / "NLMCXR_reports.tgz").write_bytes(b"not a tar file")
+    with pytest.raises(InputError, match="NLMCXR_reports.tgz: cannot open the report archive"):
+        load_openi(tmp_path)
+
+
+def test_covid_missing_columns_named(tmp_path):
+    (tmp_path / "metadata.csv").write_text("patientid,filename\n1,a.png\n")
+    with pytest.raises(InputError, match=r"missing columns \['view', 'modality', 'finding', 'clinical_notes'\]"):
+        load_covid(tmp_path)

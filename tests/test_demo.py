@@ -1,0 +1,109 @@
+"""The whole demo on the real shared data: outputs, schema, and figures recomputed independently."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def test_outputs_written(demo_run):
+    out, _ = demo_run
+    assert (out / "results.json").is_file()
+    assert (out / "report.html").is_file()
+    for cohort in ("covid_test", "covid_train", "openi"):
+        for heads in ("original", "dp"):
+            folder = out / "embeddings" / cohort / heads
+            assert {p.name for p in folder.iterdir()} >= {"image.npy", "report.npy", "pairs.parquet"}
+    assert (out / "models" / "original" / "heads.safetensors").is_file()
+    assert (out / "models" / "dp" / "heads.json").is_file()
+
+
+def test_results_schema(demo_run):
+    out, _ = demo_run
+    results = json.loads((out / "results.json").read_text())
+    assert results["schema_version"] == "1.0"
+    assert len(results["runs"]) == 6
+    for run in results["runs"]:
+        assert run["direction"] == "image_to_report"
+        assert run["negatives"] == "random"
+        assert run["heads"] in ("original", "dp")
+        assert run["n_queries"] > 0 and run["n_candidates"] > 1
+        for entry in run["recall"]:
+            assert set(entry) >= {"pool", "k", "value", "ci95", "chance", "lift"}
+            assert entry["pool"] == "full" or isinstance(entry["pool"], int)
+            assert entry["ci95"][0] <= entry["value"] + 1e-12 <= entry["ci95"][1] + 2e-12 or entry["value"] == 0
+            assert entry["lift"] == pytest.approx(entry["value"] / entry["chance"])
+    mitigation = results["mitigation"]
+    assert set(mitigation) >= {"epsilon", "delta", "accountant", "noise_multiplier", "sample_rate", "steps", "loss"}
+    assert mitigation["epsilon_spent"]["prv"] <= mitigation["epsilon"] == 0.34
+    assert mitigation["delta"] == 6e-6
+    assert {(p["cohort"], p["heads"]) for p in results["probe"]} == {
+        ("covid", "original"), ("covid", "dp"), ("openi", "original"), ("openi", "dp")}
+    for probe in results["probe"]:
+        assert set(probe) >= {"cohort", "heads", "macro_auroc", "ci95", "labels"}
+
+
+def test_openi_candidates_are_whole_archive(demo_run):
+    _, results = demo_run
+    run = next(r for r in results["runs"] if r["cohort"] == "openi" and r["heads"] == "original")
+    assert run["n_queries"] == 40
+    assert run["n_candidates"] == 3927
+    assert {e["pool"] for e in run["recall"]} == {10, 100, 1000, "full"}
+
+
+def test_embeddings_reproduce_full_pool_recall(demo_run):
+    """Recall@K in the full pool recomputed by argsort from the saved files, random ties by enumeration."""
+    out, results = demo_run
+    for run in results["runs"]:
+        folder = out / run["embeddings"]
+        image = np.load(folder / "image.npy")
+        report = np.load(folder / "report.npy")
+        pairs = pd.read_parquet(folder / "pairs.parquet")
+        assert image.dtype == np.float32 and report.dtype == np.float32
+        np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
+        np.testing.assert_allclose(np.linalg.norm(report, axis=1), 1.0, atol=1e-5)
+        scores = image @ report.T
+        rows = pairs["report_row"].to_numpy()
+        for entry in run["recall"]:
+            if entry["pool"] != "full":
+                continue
+            k = entry["k"]
+            hit = []
+            for q, true in enumerate(rows):
+                # identical report rows tie; other scores compared exactly
+                same = (report == report[true]).all(axis=1)
+                a = int((scores[q][~same] > scores[q, true]).sum())
+                e = int(same.sum()) - 1 + int((scores[q][~same] == scores[q, true]).sum())
+                hit.append(np.mean([a + r < k for r in range(e + 1)]))
+            assert np.mean(hit) == pytest.approx(entry["value"], abs=1e-9), (run["cohort"], run["heads"], k)
+
+
+def test_training_patients_memorised_and_dp_reduces_it(demo_run):
+    _, results = demo_run
+    full_r1 = {(r["cohort"], r["heads"]): next(e for e in r["recall"] if e["pool"] == "full" and e["k"] == 1)
+               for r in results["runs"]}
+    original, private = full_r1[("covid_train", "original")], full_r1[("covid_train", "dp")]
+    assert original["ci95"][0] > 10 * original["chance"]
+    assert private["value"] < original["value"] / 5
+
+
+def test_outputs_hold_no_report_text(demo_run, covid, openi):
+    out, _ = demo_run
+    published = (out / "results.json").read_text() + (out / "report.html").read_text()
+    texts = pd.concat([covid.reports["text"], openi.reports["text"]])
+    # every distinct sentence-length fragment of a report must be absent
+    fragments = {t.strip()[:40] for t in texts if len(t.strip()) >= 40}
+    leaked = [f for f in fragments if f in published]
+    assert not leaked
+
+
+def test_report_embeds_plots_and_no_external_assets(demo_run):
+    out, _ = demo_run
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") == 3
+    assert not re.search(r"""(src|href)=["']https?://""", html)
+    assert "Recall@1" in html and "ε" in html
