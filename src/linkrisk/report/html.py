@@ -37,6 +37,7 @@ def _png(fig) -> str:
 def _recall_plot(runs: list[dict], cohort: str) -> str:
     fig, ax = plt.subplots(figsize=(5.2, 3.6))
     chance_drawn = False
+    floor = 1.0
     for run in runs:
         if run["cohort"] != cohort or not run["recall_at_1_curve"]:
             continue
@@ -44,11 +45,14 @@ def _recall_plot(runs: list[dict], cohort: str) -> str:
         pools = [p["pool"] for p in curve]
         ax.plot(pools, [p["value"] for p in curve], marker="o", ms=3, label=HEADS_TITLES.get(run["heads"], run["heads"]))
         ax.fill_between(pools, [p["ci95"][0] for p in curve], [p["ci95"][1] for p in curve], alpha=0.2)
+        floor = min(floor, min(p["chance"] for p in curve) / 10.0)
         if not chance_drawn:
             ax.plot(pools, [p["chance"] for p in curve], "k--", lw=1, label="chance (1/N)")
             chance_drawn = True
     ax.set_xscale("log")
     ax.set_yscale("log")
+    # Expected recall falls towards 0 far below chance; cut the axis a decade under the lowest chance.
+    ax.set_ylim(bottom=floor, top=1.5)
     ax.set_xlabel("candidate pool size N")
     ax.set_ylabel("Recall@1 (expected over pools)")
     ax.set_title(COHORT_TITLES.get(cohort, cohort), fontsize=10)
