@@ -44,3 +44,16 @@ def test_no_usable_label_is_nan_with_warning():
     with pytest.warns(RuntimeWarning, match="undefined"):
         result = probe_macro_auroc(x, y[:, 2:], x, y[:, 2:], np.arange(30), ["never"], n_boot=10)
     assert np.isnan(result["macro_auroc"])
+
+
+def test_weighted_auroc_matches_sklearn_weights():
+    from linkrisk.probe.linear import weighted_auroc
+
+    rng = np.random.default_rng(5)
+    y = (rng.random(40) < 0.3).astype(float)
+    score = rng.integers(0, 6, size=40).astype(float)  # many ties
+    weights = rng.integers(0, 4, size=(5, 40)).astype(float)
+    got = weighted_auroc(y, score, weights)
+    for b in range(5):
+        assert got[b] == pytest.approx(roc_auc_score(y, score, sample_weight=weights[b]))
+    assert np.isnan(weighted_auroc(y, score, np.where(y == 1, 0.0, 1.0)[None, :]))[0]

@@ -70,24 +70,39 @@ def probe_macro_auroc(train_x: np.ndarray, train_y: np.ndarray, test_x: np.ndarr
     return {"macro_auroc": macro, "ci95": ci, "labels": labels, "skipped_labels": skipped}
 
 
+def weighted_auroc(y: np.ndarray, score: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of binary ``y`` ``[n]`` against ``score`` ``[n]`` under row weights ``[B, n]``; returns ``[B]``.
+
+    Integer weights equal resampling rows that many times, so one call
+    scores every bootstrap resample. Ties in ``score`` count one half, as in
+    scikit-learn's ``roc_auc_score``. A resample without both classes gives NaN.
+    """
+    positive, negative = score[y == 1], score[y == 0]
+    wins = (positive[:, None] > negative[None, :]) + 0.5 * (positive[:, None] == negative[None, :])
+    w_pos, w_neg = weights[:, y == 1], weights[:, y == 0]
+    denominator = w_pos.sum(1) * w_neg.sum(1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(denominator > 0, np.einsum("bi,ij,bj->b", w_pos, wins, w_neg) / denominator, np.nan)
+
+
 def _bootstrap_macro(scores: dict[int, np.ndarray], test_y: np.ndarray, groups: np.ndarray, n_boot: int,
                      seed: int) -> list[float]:
     """Percentile CI of macro AUROC over patient resamples; a label lacking a class in a resample is left out of it."""
     rng = np.random.default_rng(seed)
-    unique, index = np.unique(groups, return_inverse=True)
-    members = [np.flatnonzero(index == g) for g in range(len(unique))]
-    stats = []
-    for _ in range(n_boot):
-        rows = np.concatenate([members[g] for g in rng.integers(0, len(unique), len(unique))])
-        values = []
-        for j, score in scores.items():
-            y = test_y[rows, j]
-            usable = _usable(y)
-            if 0 < (y[usable] == 1).sum() < usable.sum():
-                values.append(roc_auc_score(y[usable], score[rows][usable]))
-        if values:
-            stats.append(np.mean(values))
-    if not stats:
+    _, index = np.unique(groups, return_inverse=True)
+    n_groups = index.max() + 1
+    draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
+    row_weights = draws[:, index].astype(np.float64)  # [n_boot, n_test]: times each row is drawn
+    per_label = []
+    for j, score in scores.items():
+        usable = _usable(test_y[:, j])
+        per_label.append(weighted_auroc(test_y[usable, j], score[usable], row_weights[:, usable]))
+    per_label = np.stack(per_label)
+    defined = ~np.isnan(per_label).all(axis=0)
+    if not defined.any():
         return [float("nan"), float("nan")]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        stats = np.nanmean(per_label[:, defined], axis=0)
     low, high = np.percentile(stats, [2.5, 97.5])
     return [float(low), float(high)]
