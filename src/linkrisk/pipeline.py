@@ -113,8 +113,8 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
                          n_boot=min(config.n_boot, 500), seed=config.seed)
     r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
-    shown = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
-    logger.info("audit %s / %s heads: Recall@1 %s", name, heads_name, shown)
+    summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
+    logger.info("audit %s / %s heads: Recall@1 %s", name, heads_name, summary)
     return {"cohort": name, "heads": heads_name, "direction": "image_to_report", "negatives": "random",
             "level": "study", "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
             **result, "recall_at_1_curve": curve,

@@ -1,6 +1,6 @@
 """Exact expected Recall@K over uniform candidate pools, and rank statistics.
 
-Pool model: a pool of size ``N`` holds the query's true candidate and
+Pool model: a pool of size ``N`` contains the query's true candidate and
 ``N - 1`` others drawn uniformly without replacement from the ``M - 1``
 others. Given a query's counts ``a`` (others scoring above the true one)
 and ``e`` (others tying with it), the number of drawn above-candidates is

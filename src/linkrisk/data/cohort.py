@@ -56,9 +56,9 @@ _MAX_QUOTED = 5
 
 def _quote(values: list[str] | pd.Series) -> str:
     values = [str(v) for v in values]
-    shown = ", ".join(values[:_MAX_QUOTED])
+    listed = ", ".join(values[:_MAX_QUOTED])
     more = len(values) - _MAX_QUOTED
-    return shown + (f" and {more} more" if more > 0 else "")
+    return listed + (f" and {more} more" if more > 0 else "")
 
 
 @dataclasses.dataclass

@@ -58,7 +58,7 @@ def _patient_groups(rows: pd.DataFrame) -> dict[str, str]:
 
 
 def load_covid(root: str | Path) -> PairedCohort:
-    """Load the COVID-19 collection from ``root`` (holds ``metadata.csv`` and ``images/``).
+    """Load the COVID-19 collection from ``root`` (the folder with ``metadata.csv`` and ``images/``).
 
     Rows are kept when the modality is X-ray, the view is a radiograph
     view, the note is non-empty and the image file exists; every other

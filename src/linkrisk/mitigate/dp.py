@@ -10,7 +10,7 @@ embedded under the current heads without gradient. Per-patient gradients
 are therefore functions of one patient's data alone, which is what
 Opacus's clipping and noise assume.
 
-Neither the heads' initialisation nor their input standardisation sees
+Neither the heads' initialisation nor their input standardisation uses
 private data: both come from the public cohort's features (PCA axes and
 per-feature mean and standard deviation).
 
@@ -121,9 +121,9 @@ def _patient_tensors(image_features: np.ndarray, text_features: np.ndarray, repo
 # Opacus's default RDP orders stop at 63; at the large noise multipliers that
 # small epsilons need, the optimal order is higher, so the bound is taken
 # over a longer grid (a tighter, still valid bound).
-# The PRV accountant sizes its domain with a coarse RDP bound at delta/4 and
-# warns when that bound's best order is the largest one; the PRV epsilon
-# itself is unaffected (Opacus 1.6, accountants/analysis/prv/domain.py).
+# The PRV accountant sizes its domain with a coarse RDP bound at delta/4. It
+# warns when that bound's best order is the largest one, which leaves the PRV
+# epsilon itself unaffected (Opacus 1.6, accountants/analysis/prv/domain.py).
 _PRV_DOMAIN_WARNING = "Optimal order is the largest alpha"
 RDP_ORDERS = RDPAccountant.DEFAULT_ALPHAS + list(range(64, 1025, 8))
 
@@ -168,7 +168,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         config: DP and optimisation options.
 
     Returns:
-        ``(heads, record)``; ``record`` holds everything needed to reproduce
+        ``(heads, record)``. ``record`` contains everything needed to reproduce
         the run and the epsilon spent under the PRV and RDP accountants.
     """
     if config.accountant not in ("prv", "rdp"):
