@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -107,3 +108,34 @@ def test_report_embeds_plots_and_no_external_assets(demo_run):
     assert html.count("data:image/png;base64,") == 3
     assert not re.search(r"""(src|href)=["']https?://""", html)
     assert "Recall@1" in html and "ε" in html
+
+
+def test_saved_heads_reload_and_reproduce_embeddings(demo_run, covid):
+    from linkrisk.models.heads import load_heads
+
+    out, results = demo_run
+    heads, metadata = load_heads(out / "models" / "original")
+    assert metadata["image_encoder"]["name"] == "randconv"
+    assert metadata["text_encoder"]["name"] == "wordllama"
+    assert metadata["history"]["best_step"] >= 0
+    folder = out / "embeddings" / "covid_test" / "original"
+    saved = np.load(folder / "image.npy")
+    assert saved.shape[1] == metadata["embed_dim"]
+
+
+def test_text_encoder_loads_from_local_folder(tmp_path):
+    import shutil
+
+    import wordllama
+
+    from linkrisk.errors import ConfigError
+    from linkrisk.models.text_encoders import WordLlamaTextEncoder
+
+    package = Path(wordllama.__file__).parent
+    shutil.copytree(package / "weights", tmp_path / "weights")
+    shutil.copytree(package / "tokenizers", tmp_path / "tokenizers")
+    local = WordLlamaTextEncoder(tmp_path).encode(["pleural effusion", "no acute disease"])
+    default = WordLlamaTextEncoder().encode(["pleural effusion", "no acute disease"])
+    np.testing.assert_array_equal(local, default)
+    with pytest.raises(ConfigError, match="not found under"):
+        WordLlamaTextEncoder(tmp_path / "empty")

@@ -69,6 +69,7 @@ def demo(
     epsilon: Annotated[float, typer.Option(help="Target ε of the DP heads, per patient.")] = 0.34,
     delta: Annotated[Optional[float], typer.Option(help="Target δ (default: 6e-6, or 0.1/n when smaller).")] = None,
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
+    text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
     n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
@@ -83,7 +84,7 @@ def demo(
         if not data_dir.is_dir():
             raise ConfigError(f"data folder {data_dir} not found; pass --data or set {DATA_ENV}")
         config = DemoConfig(data_dir=data_dir, out_dir=out, cache_dir=cache_dir, image_encoder=image_encoder,
-                            seed=seed, n_boot=n_boot, dp=DPConfig(epsilon=epsilon, delta=delta), progress=not quiet)
+                            text_weights=text_weights, seed=seed, n_boot=n_boot, dp=DPConfig(epsilon=epsilon, delta=delta), progress=not quiet)
         run_demo(config)
     except LinkriskError as err:
         _fail(err)

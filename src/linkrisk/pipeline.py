@@ -50,6 +50,7 @@ class DemoConfig:
     out_dir: Path
     cache_dir: Path | None = None
     image_encoder: str = "randconv"
+    text_weights: Path | None = None
     test_fraction: float = 0.25
     pools: tuple = (10, 100, 1000, "full")
     ks: tuple = (1, 5, 10)
@@ -145,7 +146,7 @@ def run_demo(config: DemoConfig) -> dict:
 
     with stage("encode images and reports (frozen encoders, cached)"):
         image_encoder = create_image_encoder(config.image_encoder)
-        text_encoder = WordLlamaTextEncoder()
+        text_encoder = WordLlamaTextEncoder(config.text_weights)
         covid_features = _encode(covid, image_encoder, text_encoder, cache_dir, config.progress)
         openi_features = _encode(openi, image_encoder, text_encoder, cache_dir, config.progress)
 
@@ -158,15 +159,16 @@ def run_demo(config: DemoConfig) -> dict:
         fit_config = dataclasses.replace(config.fit, seed=config.seed)
         original, history = fit_heads(train.image, train.report, train.report_row, train.patient_ids, fit_config,
                                       progress=config.progress)
+        encoders = {"image_encoder": image_encoder.config(), "text_encoder": text_encoder.config()}
         save_heads(original, out / "models" / "original",
-                   {"kind": "original", "fit": dataclasses.asdict(fit_config), "history": history})
+                   {"kind": "original", **encoders, "fit": dataclasses.asdict(fit_config), "history": history})
 
     with stage("train DP heads (Opacus DP-SGD, public negative bank from Open-i)"):
         dp_config = dataclasses.replace(config.dp, seed=config.seed)
         private, mitigation = train_dp_heads(train.image, train.report, train.report_row, train.patient_ids,
                                              openi_features.image, openi_features.report, dp_config,
                                              progress=config.progress)
-        save_heads(private, out / "models" / "dp", {"kind": "dp", "mitigation": mitigation})
+        save_heads(private, out / "models" / "dp", {"kind": "dp", **encoders, "mitigation": mitigation})
 
     audited = {"covid_test": test, "covid_train": train, "openi": openi_features}
     runs = []
@@ -214,6 +216,7 @@ def _config_record(config: DemoConfig, cache_dir: Path) -> dict:
     record["data_dir"] = str(config.data_dir)
     record["out_dir"] = str(config.out_dir)
     record["cache_dir"] = str(cache_dir)
+    record["text_weights"] = str(config.text_weights) if config.text_weights else None
     record["pools"] = list(config.pools)
     record["ks"] = list(config.ks)
     return record
