@@ -40,11 +40,39 @@ def test_epsilon_spent_within_target(toy):
     assert record["sample_rate"] == pytest.approx(10 / 30)
     assert record["privacy_unit"] == "patient"
     assert record["formal_guarantee"] is True
+    assert record["noise_seed"] is None
     assert record["steps"] == 5 * 3
 
 
+def test_sample_rate_matches_opacus_loader():
+    # 31 patients in batches of 10: Opacus samples at 1/ceil(31/10) = 1/4, 4 steps an epoch.
+    rng = np.random.default_rng(1)
+    reports = rng.normal(size=(31, 12)).astype(np.float32)
+    images = rng.normal(size=(31, 20)).astype(np.float32)
+    config = DPConfig(epsilon=0.5, delta=1e-5, epochs=2, batch_size=10, embed_dim=8, bank_size=40)
+    _, record = train_dp_heads(images, reports, np.arange(31), np.arange(31).astype(str),
+                               rng.normal(size=(5, 20)).astype(np.float32), rng.normal(size=(40, 12)).astype(np.float32),
+                               config, progress=False)
+    assert record["sample_rate"] == pytest.approx(0.25)
+    assert record["expected_batch_size"] == pytest.approx(31 / 4)
+    assert record["steps"] == 8
+    assert 0.45 < record["epsilon_spent"]["prv"] <= 0.5
+
+
+def test_unseeded_noise_differs_and_seeded_is_flagged(toy):
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=2, batch_size=10, embed_dim=8, bank_size=40)
+    first, record = train_dp_heads(*toy, config, progress=False)
+    second, _ = train_dp_heads(*toy, config, progress=False)
+    assert not torch.equal(first.image_head.linear.weight, second.image_head.linear.weight)
+    assert record["formal_guarantee"] is True
+    _, seeded = train_dp_heads(*toy, dataclasses.replace(config, noise_seed=5), progress=False)
+    assert seeded["formal_guarantee"] is False
+    assert seeded["noise_seed"] == 5
+
+
 def test_heads_change_and_noise_is_added(toy):
-    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=3, batch_size=10, embed_dim=8, bank_size=40, seed=1)
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=3, batch_size=10, embed_dim=8, bank_size=40, seed=1,
+                      noise_seed=11)
     start = init_private_heads(toy[4], toy[5], config)
     noisy, _ = train_dp_heads(*toy, config, progress=False)
     noisy_again, _ = train_dp_heads(*toy, config, progress=False)
@@ -61,7 +89,7 @@ def test_heads_change_and_noise_is_added(toy):
 
 
 def test_empty_poisson_batches_do_not_crash(toy):
-    config = DPConfig(epsilon=5.0, delta=1e-5, epochs=4, batch_size=1, embed_dim=8, bank_size=40, seed=3)
+    config = DPConfig(epsilon=5.0, delta=1e-5, epochs=4, batch_size=1, embed_dim=8, bank_size=40, noise_seed=3)
     _, record = train_dp_heads(*toy, config, progress=False)
     assert record["steps"] == 4 * 30
     assert record["empty_batches"] > 0  # P(empty) = (29/30)^30 ~ 0.36 per step

@@ -111,6 +111,23 @@ def test_rank_counts_reject_bad_inputs():
         rank_counts(good, good, np.array([0, 1, 3]))
     with pytest.raises(InputError, match="3 queries but 2"):
         rank_counts(good, good, np.arange(2))
+    with pytest.raises(InputError, match="must be integers"):
+        rank_counts(good, good, np.array([0.0, 0.7, 2.0]))
+    with pytest.raises(ConfigError, match="tie rule"):
+        normalised_rank(np.zeros(3, int), np.zeros(3, int), 3, ties="first")
+
+
+def test_rank_counts_block_size_does_not_change_counts():
+    rng = np.random.default_rng(2)
+    reports = rng.normal(size=(300, 16)).astype(np.float32)
+    reports[100:150] = reports[7]
+    images = rng.normal(size=(120, 16)).astype(np.float32)
+    true = rng.integers(0, 300, size=120)
+    reference = rank_counts(images, reports, true, block_size=120)
+    for block_size in (None, 1, 7, 1000):
+        above, equal = rank_counts(images, reports, true, block_size=block_size)
+        np.testing.assert_array_equal(above, reference[0])
+        np.testing.assert_array_equal(equal, reference[1])
 
 
 def test_pool_and_k_validation():

@@ -170,6 +170,8 @@ def run_demo(config: DemoConfig) -> dict:
                                              progress=config.progress)
         save_heads(private, out / "models" / "dp", {"kind": "dp", **encoders, "mitigation": mitigation})
 
+    # NOTE: covid_train includes the patients the original heads kept back for
+    # early stopping and never fitted on, so it understates their memorisation.
     audited = {"covid_test": test, "covid_train": train, "openi": openi_features}
     runs = []
     with stage("audit image-to-report linkage"):

@@ -37,30 +37,50 @@ def _check(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray) 
             raise InputError(f"{bad.sum()} {name} embedding rows contain NaN or inf (first row {np.flatnonzero(bad)[0]})")
 
 
+# Default working memory for one block of scores and its comparison masks.
+DEFAULT_BLOCK_BYTES = 512 * 2**20
+
+
 def rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
-                block_size: int = 4096, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
+                block_size: int | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray]:
     """Count candidates scoring above and equal to each query's true candidate.
 
     Args:
         queries: ``[Q, D]`` float embeddings (L2-normalised for cosine scores).
         candidates: ``[M, D]`` float embeddings.
         true_index: ``[Q]`` int, row of each query's true candidate.
-        block_size: queries scored per matmul; memory is ``block_size * M_unique`` floats.
+        block_size: queries scored per matmul. Peak memory is about
+            ``block_size * M_unique * 6`` bytes (float32 scores plus two
+            boolean masks). Default: as many queries as fit in 512 MiB.
         device: torch device for the matmul.
 
     Returns:
         ``(above, equal)``: int64 arrays ``[Q]``; ``equal`` excludes the true candidate itself.
     """
+    true_index = np.asarray(true_index)
+    if true_index.size and not np.issubdtype(true_index.dtype, np.integer):
+        raise InputError(f"true indices must be integers, got dtype {true_index.dtype}")
     queries = np.asarray(queries, dtype=np.float32)
     candidates = np.asarray(candidates, dtype=np.float32)
-    true_index = np.asarray(true_index, dtype=np.int64)
+    true_index = true_index.astype(np.int64)
     _check(queries, candidates, true_index)
 
     unique, inverse, multiplicity = np.unique(candidates, axis=0, return_inverse=True, return_counts=True)
     inverse = inverse.reshape(-1)
     cand = torch.as_tensor(unique, device=device)
-    mult = torch.as_tensor(multiplicity, device=device, dtype=torch.int64)
     true_unique = torch.as_tensor(inverse[true_index], device=device)
+    if block_size is None:
+        block_size = max(1, DEFAULT_BLOCK_BYTES // (6 * len(unique)))
+    # With duplicates, a mask is weighted by multiplicity through a float32
+    # matmul, exact for counts below 2**24; without them a plain sum suffices.
+    weighted = bool((multiplicity > 1).any())
+    if weighted and len(candidates) >= 2**24:
+        raise InputError(f"{len(candidates)} candidates exceed the 2**24 exact-count limit of duplicate weighting")
+    mult = torch.as_tensor(multiplicity, device=device, dtype=torch.float32)
+
+    def count(mask: torch.Tensor) -> np.ndarray:
+        total = (mask.to(torch.float32) @ mult) if weighted else mask.sum(1)
+        return total.round().to(torch.int64).cpu().numpy()
 
     above = np.empty(len(queries), dtype=np.int64)
     equal = np.empty(len(queries), dtype=np.int64)
@@ -68,6 +88,6 @@ def rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
         stop = min(start + block_size, len(queries))
         scores = torch.as_tensor(queries[start:stop], device=device) @ cand.T
         true = scores.gather(1, true_unique[start:stop].view(-1, 1))
-        above[start:stop] = ((scores > true).to(torch.int64) @ mult).cpu().numpy()
-        equal[start:stop] = ((scores == true).to(torch.int64) @ mult).cpu().numpy() - 1
+        above[start:stop] = count(scores > true)
+        equal[start:stop] = count(scores == true) - 1
     return above, equal

@@ -85,6 +85,8 @@ def normalised_rank(above: np.ndarray, equal: np.ndarray, n_candidates: int, tie
     Under ``random`` ties the expected rank is ``1 + a + e / 2``. Returns
     NaN with a warning when ``M = 1``.
     """
+    if ties not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
     above, equal = _check_counts(above, equal, n_candidates)
     if n_candidates < 2:
         warnings.warn("normalised rank is undefined with a single candidate; returning NaN", RuntimeWarning, stacklevel=2)
@@ -184,7 +186,7 @@ def audit_counts(above: np.ndarray, equal: np.ndarray, n_candidates: int, patien
 
 def audit_embeddings(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray, patient_ids: np.ndarray,
                      pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
-                     n_boot: int = 2000, seed: int = 0, block_size: int = 4096) -> dict:
+                     n_boot: int = 2000, seed: int = 0, block_size: int | None = None) -> dict:
     """Image-to-report audit of L2-normalised embeddings; see :func:`audit_counts` for the output."""
     above, equal = rank_counts(image_emb, report_emb, report_row, block_size=block_size)
     return audit_counts(above, equal, len(report_emb), patient_ids, pools, ks, n_boot, seed)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import secrets
 import warnings
 
 import numpy as np
@@ -57,6 +58,13 @@ class DPConfig:
     ``noise_multiplier`` None (default) calibrates the noise to
     ``(epsilon, delta)``; a number fixes it and the spent epsilon is
     reported instead.
+
+    ``noise_seed`` None (default) draws Poisson sampling and noise from a
+    fresh, unrecorded OS-entropy seed. A number makes the run
+    reproducible, but then anyone holding the seed and the other patients'
+    data can re-run training with and without one patient and see which
+    matches, so the record marks epsilon as no formal guarantee.
+    ``seed`` drives only public choices (negative-bank rows, initialisation).
     """
 
     epsilon: float = DEFAULT_EPSILON
@@ -71,6 +79,7 @@ class DPConfig:
     accountant: str = "prv"
     noise_multiplier: float | None = None
     secure_mode: bool = False
+    noise_seed: int | None = None
     seed: int = 0
 
 
@@ -139,6 +148,17 @@ def _spent_epsilon(history: list, delta: float) -> dict[str, float]:
     return {"prv": prv_epsilon, "rdp": float(rdp.get_epsilon(delta, alphas=RDP_ORDERS))}
 
 
+def _guarantee_notes(config: DPConfig) -> list[str]:
+    notes = ["per-patient loss uses only that patient's pairs and a public negative bank, so clipping bounds "
+             "each patient's influence"]
+    if config.noise_seed is not None:
+        notes.append("sampling and noise were seeded and the seed is recorded: not a formal guarantee")
+    if not config.secure_mode:
+        notes.append("secure_mode off: noise from torch's default generator, not a cryptographically secure one, "
+                     "and no protection against floating-point attacks on Gaussian sampling")
+    return notes
+
+
 def init_private_heads(public_image_features: np.ndarray, public_text_features: np.ndarray,
                        config: DPConfig) -> DualHeads:
     """Build the DP heads' starting point from public-cohort features only (standardisation and PCA axes)."""
@@ -191,7 +211,6 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     if delta >= 1.0 / n_patients:
         logger.warning("DP: delta %.3g is not below 1/n = %.3g; the guarantee is weak", delta, 1.0 / n_patients)
     batch_size = min(config.batch_size, n_patients)
-    sample_rate = batch_size / n_patients
 
     rng = np.random.default_rng(config.seed)
     bank_rows = rng.choice(len(public_text_features), size=min(config.bank_size, len(public_text_features)), replace=False)
@@ -199,27 +218,34 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     model = PublicBankLoss(heads, torch.as_tensor(public_image_features),
                            torch.as_tensor(public_text_features[bank_rows]), config.temperature)
 
+    # Opacus's Poisson loader samples each patient with probability 1 / len(loader)
+    # per step, for len(loader) steps an epoch; calibrate the noise to exactly that.
+    random_seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
+    loader = DataLoader(TensorDataset(image, text, mask), batch_size=batch_size,
+                        generator=torch.Generator().manual_seed(random_seed))
+    sample_rate = 1.0 / len(loader)
+    planned_steps = config.epochs * len(loader)
     if config.noise_multiplier is None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PRV_DOMAIN_WARNING)
             noise_multiplier = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
-                                                    sample_rate=sample_rate, epochs=config.epochs,
+                                                    sample_rate=sample_rate, steps=planned_steps,
                                                     accountant=config.accountant)
     else:
         noise_multiplier = float(config.noise_multiplier)
-
-    loader = DataLoader(TensorDataset(image, text, mask), batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(config.seed + 1))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=0.9)
     if not config.secure_mode:
-        logger.info("DP: secure_mode is off (seeded torch RNG); turn it on for a release")
+        logger.info("DP: secure_mode is off (torch's generator, not a cryptographic one); turn it on for a release")
+    if config.noise_seed is not None:
+        logger.warning("DP: sampling and noise are seeded (noise_seed %d): the run is reproducible, "
+                       "so its epsilon is not a formal guarantee", config.noise_seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
         engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
     private_model, optimizer, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm, poisson_sampling=True,
-        noise_generator=None if config.secure_mode else torch.Generator().manual_seed(config.seed + 2),
+        noise_generator=None if config.secure_mode else torch.Generator().manual_seed(random_seed + 1),
     )
 
     steps, empty_batches = 0, 0
@@ -252,8 +278,8 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         "delta": float(delta),
         "accountant": config.accountant,
         "noise_multiplier": float(noise_multiplier),
-        "sample_rate": float(sample_rate),
-        "expected_batch_size": int(batch_size),
+        "sample_rate": float(private_loader.sample_rate),
+        "expected_batch_size": float(n_patients * private_loader.sample_rate),
         "steps": int(steps),
         "empty_batches": int(empty_batches),
         "epochs": int(config.epochs),
@@ -261,7 +287,8 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         "lr": float(config.lr),
         "optimizer": "SGD(momentum=0.9)",
         "loss": "public-bank InfoNCE (per-patient, both directions)",
-        "formal_guarantee": True,
+        "formal_guarantee": config.noise_seed is None,
+        "guarantee_notes": _guarantee_notes(config),
         "privacy_unit": "patient",
         "n_private_patients": int(n_patients),
         "public_bank": {"images": int(len(public_image_features)), "reports": int(len(bank_rows))},
@@ -269,6 +296,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         "embed_dim": int(config.embed_dim),
         "initialisation": "PCA of public-cohort features; standardisation from public-cohort features",
         "secure_mode": bool(config.secure_mode),
+        "noise_seed": config.noise_seed,
         "seed": int(config.seed),
     }
     logger.info("DP: %d steps, noise multiplier %.3f, sample rate %.3f, epsilon spent %.4f (PRV) / %.4f (RDP) at delta %.2g",
