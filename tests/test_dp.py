@@ -150,3 +150,18 @@ def test_in_batch_infonce_couples_patients(toy):
     batch[0] = batch[0] * -3.0 + 1.0
     g_after = grads(batch)
     assert not torch.allclose(g_before, g_after)
+
+
+def test_secure_mode_without_torchcsprng_is_clear(toy):
+    pytest.importorskip("opacus")
+    try:
+        import torchcsprng  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("torchcsprng is installed")
+    from linkrisk.errors import ConfigError
+
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=1, batch_size=10, embed_dim=8, bank_size=40, secure_mode=True)
+    with pytest.raises(ConfigError, match="secure_mode needs the torchcsprng package"):
+        train_dp_heads(*toy, config, progress=False)

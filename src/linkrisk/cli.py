@@ -69,6 +69,7 @@ def demo(
     epsilon: Annotated[float, typer.Option(help="Target ε of the DP heads, per patient.")] = 0.34,
     delta: Annotated[Optional[float], typer.Option(help="Target δ (default: 6e-6, or 0.1/n when smaller).")] = None,
     dp_noise_seed: Annotated[Optional[int], typer.Option(help="Seed DP sampling and noise for a reproducible run; ε is then not a formal guarantee (default: fresh OS entropy).")] = None,
+    secure_mode: Annotated[bool, typer.Option(help="Draw DP noise from a cryptographically secure generator (Opacus secure_mode; needs torchcsprng).")] = False,
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
     text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
@@ -85,7 +86,8 @@ def demo(
         if not data_dir.is_dir():
             raise ConfigError(f"data folder {data_dir} not found; pass --data or set {DATA_ENV}")
         config = DemoConfig(data_dir=data_dir, out_dir=out, cache_dir=cache_dir, image_encoder=image_encoder,
-                            text_weights=text_weights, seed=seed, n_boot=n_boot, dp=DPConfig(epsilon=epsilon, delta=delta, noise_seed=dp_noise_seed), progress=not quiet)
+                            text_weights=text_weights, seed=seed, n_boot=n_boot, dp=DPConfig(epsilon=epsilon, delta=delta, noise_seed=dp_noise_seed,
+                                                     secure_mode=secure_mode), progress=not quiet)
         run_demo(config)
     except LinkriskError as err:
         _fail(err)
@@ -93,7 +95,7 @@ def demo(
 
 @app.command()
 def audit(
-    embeddings: Annotated[Path, typer.Argument(help="Folder with image.npy, report.npy and pairs.parquet.")],
+    embeddings: Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet.")],
     pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
     ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
     n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,

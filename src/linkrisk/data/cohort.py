@@ -151,11 +151,15 @@ class PairedCohort:
         return self
 
     def subset_patients(self, patient_ids: set[str] | list[str], name: str | None = None) -> "PairedCohort":
-        """Keep the images of ``patient_ids`` and only the reports those images point to."""
+        """Keep the images of ``patient_ids`` and only the reports those images point to.
+
+        The result's ``skipped`` is empty: records skipped while loading
+        belong to the whole cohort, not to a part of it.
+        """
         keep = self.images["patient_id"].isin(set(patient_ids))
         images = self.images[keep].reset_index(drop=True)
         reports = self.reports[self.reports["report_id"].isin(images["report_id"])].reset_index(drop=True)
-        return dataclasses.replace(self, name=name or self.name, images=images, reports=reports)
+        return dataclasses.replace(self, name=name or self.name, images=images, reports=reports, skipped={})
 
     def drop_images(self, image_ids: list[str], reason: str) -> "PairedCohort":
         """Remove images (for example unreadable files), counting them under ``reason``."""

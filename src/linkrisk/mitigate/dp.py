@@ -241,7 +241,11 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
                        "so its epsilon is not a formal guarantee", config.noise_seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        try:
+            engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
+        except ImportError as err:
+            raise ConfigError(f"secure_mode needs the torchcsprng package, which is not installed ({err}); "
+                              "install a torchcsprng build for this torch version or turn secure_mode off") from err
     private_model, optimizer, private_loader = engine.make_private(
         module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
         max_grad_norm=config.max_grad_norm, poisson_sampling=True,
