@@ -25,6 +25,7 @@ COHORT_TITLES = {
     "openi": "Open-i (external, no retraining)",
 }
 HEADS_TITLES = {"original": "original heads", "dp": "DP heads"}
+PROBE_TITLES = {"covid": "the COVID-19 collection (findings)", "openi": "Open-i (CheXpert labels)"}
 
 
 def _png(fig) -> str:
@@ -82,7 +83,7 @@ def render_html(results: dict) -> str:
     headlines = {(run["cohort"], run["heads"]): _headline(run) for run in results["runs"]}
     return env.get_template("report.html").render(
         results=results, cohorts=cohorts, plots=plots, headlines=headlines,
-        cohort_titles=COHORT_TITLES, heads_titles=HEADS_TITLES,
+        cohort_titles=COHORT_TITLES, heads_titles=HEADS_TITLES, probe_titles=PROBE_TITLES,
     )
 
 
