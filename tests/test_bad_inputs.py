@@ -153,3 +153,80 @@ def test_covid_missing_columns_named(tmp_path):
     (tmp_path / "metadata.csv").write_text("patientid,filename\n1,a.png\n")
     with pytest.raises(InputError, match=r"missing columns \['view', 'modality', 'finding', 'clinical_notes'\]"):
         load_covid(tmp_path)
+
+
+@pytest.fixture
+def embeddings_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    image = rng.normal(size=(12, 8)).astype(np.float32)
+    report = rng.normal(size=(20, 8)).astype(np.float32)
+    image /= np.linalg.norm(image, axis=1, keepdims=True)
+    report /= np.linalg.norm(report, axis=1, keepdims=True)
+    np.save(tmp_path / "image.npy", image)
+    np.save(tmp_path / "report.npy", report)
+    pd.DataFrame({"image_id": [f"i{i}" for i in range(12)], "report_row": np.arange(12),
+                  "patient_id": [f"p{i // 2}" for i in range(12)]}).to_parquet(tmp_path / "pairs.parquet")
+    return tmp_path
+
+
+@pytest.mark.parametrize("case, message", [
+    ("nan", r"image.npy: 1 rows contain NaN or inf \(first row 3\)"),
+    ("zero", r"report.npy: 1 rows are zero vectors \(first row 5\)"),
+    ("dimension", r"image.npy rows have 8 dimensions but report.npy rows have 6"),
+    ("row_count", r"pairs.parquet: 11 rows but image.npy has 12"),
+    ("row_range", r"report_row values are not row numbers of report.npy \(0..19\); first at row 2: 20"),
+    ("negative_row", r"first at row 0: -1"),
+    ("pickle", r"report.npy: not a plain numeric .npy array"),
+])
+def test_audit_folder_rejects_bad_embeddings(embeddings_folder, case, message):
+    from linkrisk.audit.embeddings import audit_folder
+
+    folder = embeddings_folder
+    pairs = pd.read_parquet(folder / "pairs.parquet")
+    if case == "nan":
+        image = np.load(folder / "image.npy")
+        image[3, 0] = np.nan
+        np.save(folder / "image.npy", image)
+    elif case == "zero":
+        report = np.load(folder / "report.npy")
+        report[5] = 0
+        np.save(folder / "report.npy", report)
+    elif case == "dimension":
+        np.save(folder / "report.npy", np.load(folder / "report.npy")[:, :6])
+    elif case == "row_count":
+        pairs.iloc[:11].to_parquet(folder / "pairs.parquet")
+    elif case == "row_range":
+        pairs.loc[2, "report_row"] = 20
+        pairs.to_parquet(folder / "pairs.parquet")
+    elif case == "negative_row":
+        pairs.loc[0, "report_row"] = -1
+        pairs.to_parquet(folder / "pairs.parquet")
+    elif case == "pickle":
+        np.save(folder / "report.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(InputError, match=message):
+        audit_folder(folder, [10, "full"], [1])
+
+
+def test_audit_folder_normalises_rows_with_warning(embeddings_folder, caplog):
+    from linkrisk.audit.embeddings import audit_folder
+
+    np.save(embeddings_folder / "image.npy", 3.0 * np.load(embeddings_folder / "image.npy"))
+    with caplog.at_level(logging.WARNING, logger="linkrisk"):
+        scaled = audit_folder(embeddings_folder, [10, "full"], [1], n_boot=20)
+    assert "12 rows are not unit length" in caplog.text
+    np.save(embeddings_folder / "image.npy", np.load(embeddings_folder / "image.npy") / 3.0)
+    assert audit_folder(embeddings_folder, [10, "full"], [1], n_boot=20)["recall"] == scaled["recall"]
+
+
+def test_cli_audit_warns_on_oversized_pool(embeddings_folder):
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--pools", "10,500"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "pool sizes [500] are not smaller than the 20 candidates" in " ".join(result.stderr.split())
+
+
+def test_cli_rejects_zero_bootstrap(embeddings_folder):
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--n-boot", "0"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr

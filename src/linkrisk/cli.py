@@ -73,7 +73,7 @@ def demo(
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
     text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
-    n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,
+    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
 ) -> None:
     """Train, audit, mitigate with DP, re-audit and probe on the real COVID-19 and Open-i cohorts."""
@@ -98,7 +98,7 @@ def audit(
     embeddings: Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet.")],
     pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
     ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
-    n_boot: Annotated[int, typer.Option(help="Patient-bootstrap resamples per interval.")] = 2000,
+    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
     seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
 ) -> None:

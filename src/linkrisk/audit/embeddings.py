@@ -9,6 +9,7 @@ import pandas as pd
 
 from linkrisk.audit.recall import audit_counts
 from linkrisk.audit.ranks import rank_counts
+from linkrisk._logging import logger
 from linkrisk.errors import InputError
 
 
@@ -29,13 +30,44 @@ def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
         pairs = pd.read_parquet(path)
     except (FileNotFoundError, OSError, ValueError) as err:
         raise InputError(f"{path}: cannot be read ({err})") from err
-    image, report = arrays
+    image, report = (_checked_rows(folder / name, array) for name, array in zip(("image.npy", "report.npy"), arrays))
+    if image.shape[1] != report.shape[1]:
+        raise InputError(f"{folder}: image.npy rows have {image.shape[1]} dimensions but report.npy rows have "
+                         f"{report.shape[1]}; both must come from the same model")
     missing = [c for c in ("report_row", "patient_id") if c not in pairs.columns]
     if missing:
         raise InputError(f"{path}: missing columns {missing}")
     if len(pairs) != len(image):
         raise InputError(f"{path}: {len(pairs)} rows but image.npy has {len(image)}; both need one row per image")
-    return image, report, pairs
+    rows = pd.to_numeric(pairs["report_row"], errors="coerce")
+    bad = rows.isna() | (rows != rows.round()) | (rows < 0) | (rows >= len(report))
+    if bad.any():
+        first = int(np.flatnonzero(bad.to_numpy())[0])
+        raise InputError(f"{path}: {int(bad.sum())} report_row values are not row numbers of report.npy "
+                         f"(0..{len(report) - 1}); first at row {first}: {pairs['report_row'].iloc[first]}")
+    return image, report, pairs.assign(report_row=rows.astype(np.int64))
+
+
+def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
+    """Reject non-2-D, non-finite or zero rows; L2-normalise rows that are not unit length (with a warning)."""
+    if array.ndim != 2 or not np.issubdtype(array.dtype, np.number):
+        raise InputError(f"{path}: expected a 2-D numeric array [rows, dimensions], got shape {array.shape} "
+                         f"and dtype {array.dtype}")
+    array = array.astype(np.float32)
+    bad = ~np.isfinite(array).all(axis=1)
+    if bad.any():
+        raise InputError(f"{path}: {int(bad.sum())} rows contain NaN or inf (first row {int(np.flatnonzero(bad)[0])}); "
+                         "re-create the embeddings")
+    norms = np.linalg.norm(array, axis=1)
+    zero = norms == 0
+    if zero.any():
+        raise InputError(f"{path}: {int(zero.sum())} rows are zero vectors (first row {int(np.flatnonzero(zero)[0])}); "
+                         "a zero embedding has no direction, so re-create the embeddings")
+    off = np.abs(norms - 1.0) > 1e-3
+    if off.any():
+        logger.warning("%s: %d rows are not unit length; L2-normalising them for cosine scores", path, int(off.sum()))
+        array = array / norms[:, None]
+    return array
 
 
 def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 2000, seed: int = 0) -> dict:

@@ -28,6 +28,7 @@ import numpy as np
 from scipy.special import digamma
 from scipy.stats import hypergeom
 
+from linkrisk._logging import logger
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.errors import ConfigError, InputError
 
@@ -111,6 +112,8 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 2
     the mean over all queries of the drawn groups. Returns ``(nan, nan)``
     with a warning when there are no values.
     """
+    if n_boot < 1:
+        raise ConfigError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     values = np.asarray(values, dtype=np.float64)
     if len(values) == 0:
         warnings.warn("bootstrap interval of an empty set is undefined; returning NaN", RuntimeWarning, stacklevel=2)
@@ -128,8 +131,12 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 2
 
 
 def resolve_pools(pools: list[int | str], n_candidates: int) -> list[tuple[int | str, int]]:
-    """Map requested pools to ``(label, N)``; numeric pools not smaller than ``M`` are dropped."""
+    """Map requested pools to ``(label, N)``; numeric pools not smaller than ``M`` are dropped with a warning."""
     resolved: list[tuple[int | str, int]] = []
+    too_large = [int(p) for p in pools if p != "full" and int(p) >= n_candidates]
+    if too_large:
+        logger.warning("pool sizes %s are not smaller than the %d candidates; left out (the whole set is 'full')",
+                       too_large, n_candidates)
     for pool in pools:
         if pool == "full":
             resolved.append(("full", n_candidates))
