@@ -139,3 +139,23 @@ def test_text_encoder_loads_from_local_folder(tmp_path):
     np.testing.assert_array_equal(local, default)
     with pytest.raises(ConfigError, match="not found under"):
         WordLlamaTextEncoder(tmp_path / "empty")
+
+
+def test_text_weights_folder_is_really_used(tmp_path):
+    import shutil
+
+    import wordllama
+    from safetensors.numpy import load_file, save_file
+
+    from linkrisk.models.text_encoders import WordLlamaTextEncoder
+
+    package = Path(wordllama.__file__).parent
+    shutil.copytree(package / "tokenizers", tmp_path / "tokenizers")
+    (tmp_path / "weights").mkdir()
+    tensors = load_file(str(package / "weights" / "l2_supercat_256.safetensors"))
+    tensors["embedding.weight"] = tensors["embedding.weight"][::-1].copy()  # permuted rows
+    save_file(tensors, str(tmp_path / "weights" / "l2_supercat_256.safetensors"))
+    permuted = WordLlamaTextEncoder(tmp_path)
+    default = WordLlamaTextEncoder()
+    assert permuted.config()["weights_sha256"] != default.config()["weights_sha256"]
+    assert not np.allclose(permuted.encode(["pleural effusion"]), default.encode(["pleural effusion"]))
