@@ -145,7 +145,7 @@ def test_openi_empty_report_skips_its_image(data_dir, tmp_path, caplog):
 def test_openi_corrupt_archive_is_clear(tmp_path):
     (tmp_path / "NLMCXR_png").mkdir()
     (tmp_path / "NLMCXR_reports.tgz").write_bytes(b"not a tar file")
-    with pytest.raises(InputError, match="NLMCXR_reports.tgz: cannot open the report archive"):
+    with pytest.raises(InputError, match="NLMCXR_reports.tgz: the report archive is damaged or truncated"):
         load_openi(tmp_path)
 
 

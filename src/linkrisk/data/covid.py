@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
+from linkrisk.data._tables import read_csv
 from linkrisk.data.cohort import PairedCohort, _quote
 from linkrisk.errors import InputError
 
@@ -32,6 +33,12 @@ X_RAY_VIEWS = {"PA": "PA", "AP": "AP", "AP Supine": "AP Supine", "APS": "AP Supi
 def _finding_parts(finding: str) -> list[str]:
     parts = str(finding).replace("/", ",").split(",")
     return [p.strip() for p in parts if p.strip()]
+
+
+def _is_plain_name(name: str) -> bool:
+    """Return whether ``name`` is a bare file name inside images/ (no folders, no '..', not absolute)."""
+    name = name.strip()
+    return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and len(name.encode()) <= 255
 
 
 def _patient_groups(rows: pd.DataFrame) -> dict[str, str]:
@@ -69,15 +76,9 @@ def load_covid(root: str | Path) -> PairedCohort:
     csv_path = root / "metadata.csv"
     if not csv_path.exists():
         raise InputError(f"{csv_path}: not found; point --data at the folder holding the collection's metadata.csv")
-    try:
-        table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
-    except (pd.errors.ParserError, UnicodeDecodeError) as err:
-        raise InputError(f"{csv_path}: cannot be parsed as CSV ({err})") from err
-    missing = [c for c in REQUIRED_COLUMNS if c not in table.columns]
-    if missing:
-        raise InputError(f"{csv_path}: missing columns {missing}; expected the collection's metadata.csv layout")
+    table = read_csv(csv_path, REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
 
-    table = table.assign(csv_row=np.arange(2, len(table) + 2))  # 1-based, after the header line
+    table = table.assign(csv_row=np.arange(2, len(table) + 2))  # 1-based file line, after the header
     skipped: Counter = Counter()
 
     def keep(mask: pd.Series, reason: str) -> pd.DataFrame:
@@ -90,11 +91,16 @@ def load_covid(root: str | Path) -> PairedCohort:
     table = keep(table["modality"].str.strip() == "X-ray", "modality is not X-ray")
     table = keep(table["view"].str.strip().isin(X_RAY_VIEWS), "view is not a radiograph view")
     table = keep(table["clinical_notes"].str.strip() != "", "empty clinical note")
-    exists = table["filename"].map(lambda name: bool(name.strip()) and (root / "images" / name).is_file())
+    table = keep(table["filename"].map(_is_plain_name), "filename is not a plain file name")
+    exists = table["filename"].map(lambda name: (root / "images" / name).is_file())
     absent = table.loc[~exists, "filename"].tolist()
     table = keep(exists, "image file not in images/")
     if absent:
         logger.debug("covid: absent files: %s", _quote(absent))
+
+    if table.empty:
+        raise InputError(f"{csv_path}: no usable rows (skipped: {dict(skipped) or 'the file has no data rows'}); "
+                         "check that images/ holds the listed files")
 
     groups = _patient_groups(table)
     joined = [f"{p} with {g}" for p, g in sorted(groups.items()) if p != g]

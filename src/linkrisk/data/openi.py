@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import re
 import tarfile
+import zlib
 import xml.etree.ElementTree as ET
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
-from linkrisk.data.cohort import CHEXPERT_LABELS, PairedCohort
+from linkrisk.data._tables import read_csv
+from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote
 from linkrisk.errors import InputError
 
 DEFAULT_SECTIONS: tuple[str, ...] = ("FINDINGS", "IMPRESSION")
@@ -54,42 +57,73 @@ def _parse_report(xml_bytes: bytes, sections: tuple[str, ...]) -> tuple[str, str
     return uid_node.get("id"), text, stems
 
 
+# A radiology report XML is a few kilobytes; a member far larger is no report.
+MAX_REPORT_BYTES = 4 * 2**20
+
+
 def _read_archive(archive: Path, sections: tuple[str, ...], skipped: Counter) -> tuple[pd.DataFrame, dict[str, str]]:
     rows: list[tuple[str, str]] = []
     image_to_report: dict[str, str] = {}
     try:
-        tar = tarfile.open(archive, "r:*")
-    except (tarfile.TarError, OSError) as err:
-        raise InputError(f"{archive}: cannot open the report archive ({err}); download it again") from err
-    with tar:
-        for member in tar:
-            if not (member.isfile() and member.name.endswith(".xml")):
-                continue
-            try:
-                report_id, text, stems = _parse_report(tar.extractfile(member).read(), sections)
-            except (ET.ParseError, ValueError) as err:
-                skipped["unparsable report XML"] += 1
-                logger.warning("%s: skipped %s: %s", archive.name, member.name, err)
-                continue
-            rows.append((report_id, text))
-            for stem in stems:
-                image_to_report[stem] = report_id
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if not (member.isfile() and member.name.endswith(".xml")):
+                    continue
+                if member.size > MAX_REPORT_BYTES:
+                    skipped["report XML larger than 4 MiB"] += 1
+                    logger.warning("%s: skipped %s: %d bytes is too large for a report", archive.name, member.name,
+                                   member.size)
+                    continue
+                try:
+                    report_id, text, stems = _parse_report(tar.extractfile(member).read(), sections)
+                except (ET.ParseError, ValueError) as err:
+                    skipped["unparsable report XML"] += 1
+                    logger.warning("%s: skipped %s: %s", archive.name, member.name, err)
+                    continue
+                rows.append((report_id, text))
+                for stem in stems:
+                    image_to_report[stem] = report_id
+            _check_archive_end(tar, archive)
+    except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
+        raise InputError(f"{archive}: the report archive is damaged or truncated ({type(err).__name__}: {err}); "
+                         "download it again") from err
     if not rows:
         raise InputError(f"{archive}: no report XML files found; expected ecgen-radiology/<n>.xml members")
     return pd.DataFrame(rows, columns=["report_id", "text"]), image_to_report
 
 
+def _check_archive_end(tar: tarfile.TarFile, archive: Path) -> None:
+    """Raise if anything but zero padding follows the end-of-archive marker.
+
+    ``tarfile`` stops quietly at the first all-zero header, so damage in
+    the middle of an archive would otherwise look like a short archive.
+    Reading to the end also makes gzip verify its checksum.
+    """
+    while block := tar.fileobj.read(1 << 20):
+        if block.count(0) != len(block):
+            raise InputError(f"{archive}: data follows an early end-of-archive marker, so the archive is damaged; "
+                             "download it again")
+
+
 def _read_labels(path: Path) -> pd.DataFrame:
-    table = pd.read_csv(path)
-    missing = [c for c in ("uid", *CHEXPERT_LABELS) if c not in table.columns]
-    if missing:
-        raise InputError(f"{path}: missing columns {missing}; expected 'uid' and the 14 CheXpert labels")
-    table["report_id"] = "CXR" + table["uid"].astype(str)
+    table = read_csv(path, ("uid", *CHEXPERT_LABELS), dtype={"uid": str})
+    duplicated = table["uid"][table["uid"].duplicated()]
+    if len(duplicated):
+        raise InputError(f"{path}: uid {_quote(duplicated.unique().tolist())} listed more than once; keep one row per study")
+    for label in CHEXPERT_LABELS:
+        values = pd.to_numeric(table[label], errors="coerce")
+        bad = (values.isna() & table[label].notna()) | ~(values.isna() | values.isin(ALLOWED_LABEL_VALUES))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            raise InputError(f"{path}: column {label!r} has {int(bad.sum())} values outside {{1, 0, -1, blank}} "
+                             f"(first at line {row + 2}: {table[label].iloc[row]!r})")
+        table[label] = values
+    table["report_id"] = "CXR" + table["uid"].str.strip()
     return table[["report_id", *CHEXPERT_LABELS]]
 
 
 def _read_views(path: Path) -> dict[str, str]:
-    table = pd.read_csv(path, dtype=str)
+    table = read_csv(path, ("filename", "projection"), dtype=str)
     # Kaggle names look like 1_IM-0001-4001.dcm.png for CXR1_IM-0001-4001.png.
     stems = "CXR" + table["filename"].str.replace(".dcm.png", "", regex=False)
     return dict(zip(stems, table["projection"].fillna("unknown")))
