@@ -176,7 +176,7 @@ def embeddings_folder(tmp_path):
     ("row_count", r"pairs.parquet: 11 rows but image.npy has 12"),
     ("row_range", r"report_row values are not row numbers of report.npy \(0..19\); first at row 2: 20"),
     ("negative_row", r"first at row 0: -1"),
-    ("pickle", r"report.npy: not a plain numeric .npy array"),
+    ("pickle", r"report.npy: not a readable numeric .npy array"),
 ])
 def test_audit_folder_rejects_bad_embeddings(embeddings_folder, case, message):
     from linkrisk.audit.embeddings import audit_folder
@@ -230,3 +230,97 @@ def test_cli_rejects_zero_bootstrap(embeddings_folder):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
+
+
+def test_covid_rejects_unsafe_file_names(bad_covid, tmp_path):
+    root = tmp_path / "covid-chestxray"
+    shutil.copytree(bad_covid, root, symlinks=True)
+    table = pd.read_csv(root / "metadata.csv", dtype=str, keep_default_na=False)
+    table.loc[0, "filename"] = "../../openi/NLMCXR_png/x.png"
+    table.loc[1, "filename"] = "/etc/passwd"
+    table.to_csv(root / "metadata.csv", index=False)
+    cohort = load_covid(root)
+    assert cohort.skipped["filename is not a plain file name"] == 2
+    assert all("/" not in name for name in cohort.images["image_id"])
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "the file is empty"),
+    (b"patientid,view,modality,finding,filename,clinical_notes\n", "no usable rows"),
+    (b"patientid,view,modality,finding,filename,clinical_notes\n1,PA,X-ray,COVID-19,a.png,caf\xe9\n",
+     "line 2 is not valid UTF-8"),
+])
+def test_covid_unusable_csv_is_named(tmp_path, content, message):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "metadata.csv").write_bytes(content)
+    with pytest.raises(InputError, match=message):
+        load_covid(tmp_path)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda t: t.drop(columns=["Edema"]), r"chexpert_labels.csv: missing columns \['Edema'\]"),
+    (lambda t: t.assign(Edema=t["Edema"].astype(object).where(t.index != 3, "x")), "first at line 5: 'x'"),
+    (lambda t: pd.concat([t, t.iloc[[0]]]), "uid 1 listed more than once"),
+])
+def test_openi_bad_labels_name_the_file(data_dir, tmp_path, edit, message):
+    root = tmp_path / "openi"
+    root.mkdir()
+    for name in ("NLMCXR_reports.tgz", "NLMCXR_png"):
+        os.symlink(data_dir / "openi" / name, root / name)
+    edit(pd.read_csv(data_dir / "openi" / "chexpert_labels.csv")).to_csv(root / "chexpert_labels.csv", index=False)
+    with pytest.raises(InputError, match=message):
+        load_openi(root)
+
+
+def test_damaged_cache_chunk_is_recomputed(covid, tmp_path, caplog):
+    from linkrisk.models.features import embed_texts
+    from linkrisk.models.text_encoders import WordLlamaTextEncoder
+
+    texts = covid.reports["text"].tolist()[:50]
+    first = embed_texts(texts, WordLlamaTextEncoder(), tmp_path, "covid", progress=False)
+    chunk = next((tmp_path / "features" / "wordllama").glob("*.npz"))
+    chunk.write_bytes(chunk.read_bytes()[:100])
+    with caplog.at_level(logging.WARNING, logger="linkrisk"):
+        again = embed_texts(texts, WordLlamaTextEncoder(), tmp_path, "covid", progress=False)
+    assert "is damaged" in caplog.text
+    np.testing.assert_array_equal(first, again)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--epsilon", "1000"], r"epsilon must be in \(0, 100\]"),
+    (["--epsilon", "0"], r"epsilon must be in \(0, 100\]"),
+    (["--delta", "2"], r"delta must be in \(0, 1\)"),
+])
+def test_cli_rejects_privacy_targets_early(tmp_path, args, message):
+    result = subprocess.run([*LINKRISK, "demo", "--out", str(tmp_path / "o"), *args],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert re.search(message, result.stderr)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("case, message", [
+    ("empty_npy", "not a readable numeric .npy array"),
+    ("npz", "is an .npz archive"),
+    ("no_pairs", "pairs.parquet: not found"),
+])
+def test_cli_audit_unreadable_files(embeddings_folder, case, message):
+    if case == "empty_npy":
+        (embeddings_folder / "image.npy").write_bytes(b"")
+    elif case == "npz":
+        np.savez(embeddings_folder / "x.npz", a=np.zeros(3))
+        (embeddings_folder / "x.npz").rename(embeddings_folder / "image.npy")
+    elif case == "no_pairs":
+        (embeddings_folder / "pairs.parquet").unlink()
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert message in " ".join(result.stderr.split())
+
+
+def test_cli_audit_json_to_folder_is_one_line(embeddings_folder, tmp_path):
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--n-boot", "20", "--json", str(tmp_path)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "queries" in result.stdout  # the audit is printed before the write fails

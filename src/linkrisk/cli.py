@@ -7,9 +7,9 @@ input problem.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -38,13 +38,21 @@ def _fail(err: LinkriskError) -> None:
     raise typer.Exit(code=2)
 
 
+def _fail_io(err: OSError | EOFError) -> None:
+    """Report a file-system failure (missing folder, permissions, full disk, truncated file) as one line."""
+    where = getattr(err, "filename", None)
+    reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
+    target = f"{where}: " if where else ""
+    _fail(LinkriskError(f"{target}{reason}; check the path and its permissions, then run again"))
+
+
 def _parse_pools(text: str) -> list[int | str]:
     pools: list[int | str] = []
     for part in text.split(","):
         part = part.strip()
         if part == "full":
             pools.append("full")
-        elif part.isdigit() and int(part) >= 2:
+        elif re.fullmatch(r"[0-9]+", part) and int(part) >= 2:
             pools.append(int(part))
         else:
             raise ConfigError(f"invalid pool size {part!r} in --pools; use integers >= 2 or 'full', comma-separated")
@@ -68,21 +76,22 @@ def demo(
     cache_dir: Annotated[Optional[Path], typer.Option(help="Encoder feature cache (default: OUT/cache).")] = None,
     epsilon: Annotated[float, typer.Option(help="Target ε of the DP heads, per patient.")] = 0.34,
     delta: Annotated[Optional[float], typer.Option(help="Target δ (default: 6e-6, or 0.1/n when smaller).")] = None,
-    dp_noise_seed: Annotated[Optional[int], typer.Option(help="Seed DP sampling and noise for a reproducible run; ε is then not a formal guarantee (default: fresh OS entropy).")] = None,
+    dp_noise_seed: Annotated[Optional[int], typer.Option(min=0, max=2**62, help="Seed DP sampling and noise for a reproducible run; ε is then not a formal guarantee (default: fresh OS entropy).")] = None,
     secure_mode: Annotated[bool, typer.Option(help="Draw DP noise from a cryptographically secure generator (Opacus secure_mode; needs torchcsprng).")] = False,
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
     text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
 ) -> None:
     """Train, audit, mitigate with DP, re-audit and probe on the real COVID-19 and Open-i cohorts."""
     _setup_logging(quiet)
-    from linkrisk.mitigate import DPConfig
+    from linkrisk.mitigate import DPConfig, validate_privacy_target
     from linkrisk.pipeline import DemoConfig, run_demo
 
     data_dir = data or Path(os.environ.get(DATA_ENV, "../shared/data"))
     try:
+        validate_privacy_target(epsilon, delta)
         if not data_dir.is_dir():
             raise ConfigError(f"data folder {data_dir} not found; pass --data or set {DATA_ENV}")
         config = DemoConfig(data_dir=data_dir, out_dir=out, cache_dir=cache_dir, image_encoder=image_encoder,
@@ -91,6 +100,8 @@ def demo(
         run_demo(config)
     except LinkriskError as err:
         _fail(err)
+    except (OSError, EOFError) as err:
+        _fail_io(err)
 
 
 @app.command()
@@ -99,7 +110,7 @@ def audit(
     pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
     ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
-    seed: Annotated[int, typer.Option(help="Bootstrap seed.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Bootstrap seed.")] = 0,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
 ) -> None:
     """Audit saved embeddings: image-to-report Recall@K with lift and patient-bootstrap intervals."""
@@ -111,8 +122,8 @@ def audit(
         result = audit_folder(embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed)
     except LinkriskError as err:
         _fail(err)
-    if json_out:
-        write_json(json_out, result)
+    except (OSError, EOFError) as err:
+        _fail_io(err)
     console = Console()
     console.print(f"{result['n_queries']} queries, {result['n_candidates']} candidates, "
                   f"{result['queries_with_ties']} with ties")
@@ -121,6 +132,11 @@ def audit(
                       f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
                       f"lift {entry['lift']:.2f}")
     console.print(f"  mean normalised rank {result['full_pool']['mean_normalised_rank']:.4f} (chance 0.5)")
+    if json_out:
+        try:
+            write_json(json_out, result)
+        except OSError as err:
+            _fail_io(err)
 
 
 @app.command()

@@ -23,13 +23,17 @@ def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
             arrays.append(np.load(path, allow_pickle=False))
         except FileNotFoundError as err:
             raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet") from err
-        except ValueError as err:
-            raise InputError(f"{path}: not a plain numeric .npy array ({err})") from err
+        except (ValueError, EOFError, OSError) as err:
+            raise InputError(f"{path}: not a readable numeric .npy array ({type(err).__name__}: {err})") from err
+        if not isinstance(arrays[-1], np.ndarray):
+            raise InputError(f"{path}: is an .npz archive, not a single .npy array")
     path = folder / "pairs.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet")
     try:
         pairs = pd.read_parquet(path)
-    except (FileNotFoundError, OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot be read ({err})") from err
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot be read as Parquet ({err})") from err
     image, report = (_checked_rows(folder / name, array) for name, array in zip(("image.npy", "report.npy"), arrays))
     if image.shape[1] != report.shape[1]:
         raise InputError(f"{folder}: image.npy rows have {image.shape[1]} dimensions but report.npy rows have "
@@ -37,6 +41,14 @@ def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
     missing = [c for c in ("report_row", "patient_id") if c not in pairs.columns]
     if missing:
         raise InputError(f"{path}: missing columns {missing}")
+    if len(image) == 0:
+        raise InputError(f"{folder / 'image.npy'}: no rows, so there is nothing to audit")
+    if len(report) < 2:
+        raise InputError(f"{folder / 'report.npy'}: {len(report)} row(s); ranking needs at least 2 candidate reports")
+    no_patient = pairs["patient_id"].isna() | (pairs["patient_id"].astype(str).str.strip() == "")
+    if no_patient.any():
+        raise InputError(f"{path}: {int(no_patient.sum())} rows have no patient_id (first at row "
+                         f"{int(np.flatnonzero(no_patient.to_numpy())[0])}); intervals resample patients")
     if len(pairs) != len(image):
         raise InputError(f"{path}: {len(pairs)} rows but image.npy has {len(image)}; both need one row per image")
     rows = pd.to_numeric(pairs["report_row"], errors="coerce")

@@ -22,7 +22,14 @@ def read_csv(path: Path, required: tuple[str, ...] = (), **options) -> pd.DataFr
     except pd.errors.EmptyDataError as err:
         raise InputError(f"{path}: the file is empty; expected a header row and data rows") from err
     except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        # The parser's offset is relative to its buffer; decode the whole file for the real position.
+        data = path.read_bytes()
+        try:
+            data.decode("utf-8")
+            offset = err.start
+        except UnicodeDecodeError as whole:
+            offset = whole.start
+        line = data[:offset].count(b"\n") + 1
         raise InputError(f"{path}: line {line} is not valid UTF-8 ({err.reason}); re-save the file as UTF-8") from err
     except pd.errors.ParserError as err:
         raise InputError(f"{path}: cannot be parsed as CSV ({' '.join(str(err).split())})") from err

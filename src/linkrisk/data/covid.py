@@ -82,6 +82,7 @@ def load_covid(root: str | Path) -> PairedCohort:
     skipped: Counter = Counter()
 
     def keep(mask: pd.Series, reason: str) -> pd.DataFrame:
+        mask = mask.astype(bool)  # an empty or mapped mask has object dtype
         dropped = int((~mask).sum())
         if dropped:
             skipped[reason] += dropped

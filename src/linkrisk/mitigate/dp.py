@@ -46,6 +46,19 @@ DEFAULT_EPSILON = 0.34
 DEFAULT_DELTA = 6e-6
 
 
+# Above this epsilon DP-SGD gives no meaningful protection, and Opacus's
+# noise search over such targets runs for minutes in numerical overflow.
+MAX_EPSILON = 100.0
+
+
+def validate_privacy_target(epsilon: float, delta: float | None) -> None:
+    """Raise :class:`ConfigError` unless ``0 < epsilon <= 100`` and ``0 < delta < 1`` (or delta is None)."""
+    if not (0 < epsilon <= MAX_EPSILON):
+        raise ConfigError(f"epsilon must be in (0, {MAX_EPSILON:g}], got {epsilon}")
+    if delta is not None and not (0 < delta < 1):
+        raise ConfigError(f"delta must be in (0, 1), got {delta}; the default is 6e-6 or 0.1/n when smaller")
+
+
 def default_delta(n_units: int) -> float:
     """Return 6e-6, or ``0.1 / n_units`` when that is smaller, so that delta stays well below ``1 / n``."""
     return min(DEFAULT_DELTA, 0.1 / max(n_units, 1))
@@ -193,8 +206,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     """
     if config.accountant not in ("prv", "rdp"):
         raise ConfigError(f"unknown accountant {config.accountant!r}; valid accountants: prv, rdp")
-    if not (config.epsilon > 0) and config.noise_multiplier is None:
-        raise ConfigError(f"epsilon must be positive, got {config.epsilon}")
+    validate_privacy_target(config.epsilon, config.delta)
     if config.epochs < 1 or config.batch_size < 1:
         raise ConfigError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
     if public_image_features.shape[1:] != image_features.shape[1:] or public_text_features.shape[1:] != text_features.shape[1:]:
@@ -228,9 +240,14 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     if config.noise_multiplier is None:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=_PRV_DOMAIN_WARNING)
-            noise_multiplier = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
-                                                    sample_rate=sample_rate, steps=planned_steps,
-                                                    accountant=config.accountant)
+            try:
+                noise_multiplier = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
+                                                        sample_rate=sample_rate, steps=planned_steps,
+                                                        accountant=config.accountant)
+            except ValueError as err:  # Opacus: "The privacy budget is too low."
+                raise ConfigError(f"no noise level reaches epsilon {config.epsilon} at delta {delta:.3g} with "
+                                  f"{planned_steps} steps at sampling rate {sample_rate:.3g} ({err}); raise epsilon "
+                                  "or train fewer epochs") from err
     else:
         noise_multiplier = float(config.noise_multiplier)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=0.9)

@@ -10,6 +10,7 @@ at the first chunk not yet written. Chunks are written atomically.
 from __future__ import annotations
 
 import hashlib
+import zipfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -46,6 +47,16 @@ def _save_chunk(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
+def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
+    """Read a cached chunk; a damaged one is logged and treated as missing, so it is recomputed."""
+    try:
+        with np.load(path, allow_pickle=False) as stored:
+            return {name: stored[name] for name in stored.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+        logger.warning("cache chunk %s is damaged (%s: %s); recomputing it", path, type(err).__name__, err)
+        return None
+
+
 def _run_chunks(n: int, chunk_size: int, description: str, key_of: Callable[[slice], str], cache: Path,
                 compute: Callable[[slice], dict[str, np.ndarray]], progress: bool) -> list[dict[str, np.ndarray]]:
     chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
@@ -54,9 +65,9 @@ def _run_chunks(n: int, chunk_size: int, description: str, key_of: Callable[[sli
         task = bar.add_task(description, total=n)
         for chunk in chunks:
             path = cache / f"{key_of(chunk)}.npz"
-            if path.exists():
-                with np.load(path, allow_pickle=False) as stored:
-                    results.append({name: stored[name] for name in stored.files})
+            stored = _load_chunk(path) if path.exists() else None
+            if stored is not None:
+                results.append(stored)
                 reused += 1
             else:
                 arrays = compute(chunk)
