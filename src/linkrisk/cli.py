@@ -80,7 +80,7 @@ def demo(
     secure_mode: Annotated[bool, typer.Option(help="Draw DP noise from a cryptographically secure generator (Opacus secure_mode; needs torchcsprng).")] = False,
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
     text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
-    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the split, fitting, DP sampling and noise, and bootstraps.")] = 0,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the split, head fitting, public DP choices and bootstraps (DP noise: see --dp-noise-seed).")] = 0,
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
 ) -> None:

@@ -16,17 +16,16 @@ from linkrisk.errors import InputError
 def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
     """Read ``image.npy``, ``report.npy`` and ``pairs.parquet``, checking that they fit together."""
     folder = Path(folder)
-    arrays = []
-    for name in ("image.npy", "report.npy"):
-        path = folder / name
-        try:
-            arrays.append(np.load(path, allow_pickle=False))
-        except FileNotFoundError as err:
-            raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet") from err
-        except (ValueError, EOFError, OSError) as err:
-            raise InputError(f"{path}: not a readable numeric .npy array ({type(err).__name__}: {err})") from err
-        if not isinstance(arrays[-1], np.ndarray):
-            raise InputError(f"{path}: is an .npz archive, not a single .npy array")
+    image = _checked_rows(folder / "image.npy", _read_npy(folder / "image.npy"))
+    report = _checked_rows(folder / "report.npy", _read_npy(folder / "report.npy"))
+    if image.shape[1] != report.shape[1]:
+        raise InputError(f"{folder}: image.npy rows have {image.shape[1]} dimensions but report.npy rows have "
+                         f"{report.shape[1]}; both must come from the same model")
+    if len(image) == 0:
+        raise InputError(f"{folder / 'image.npy'}: no rows, so there is nothing to audit")
+    if len(report) < 2:
+        raise InputError(f"{folder / 'report.npy'}: {len(report)} row(s); ranking needs at least 2 candidate reports")
+
     path = folder / "pairs.parquet"
     if not path.is_file():
         raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet")
@@ -34,30 +33,41 @@ def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
         pairs = pd.read_parquet(path)
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot be read as Parquet ({err})") from err
-    image, report = (_checked_rows(folder / name, array) for name, array in zip(("image.npy", "report.npy"), arrays))
-    if image.shape[1] != report.shape[1]:
-        raise InputError(f"{folder}: image.npy rows have {image.shape[1]} dimensions but report.npy rows have "
-                         f"{report.shape[1]}; both must come from the same model")
+    return image, report, _checked_pairs(path, pairs, len(image), len(report))
+
+
+def _read_npy(path: Path) -> np.ndarray:
+    try:
+        array = np.load(path, allow_pickle=False)
+    except FileNotFoundError as err:
+        raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet") from err
+    except (ValueError, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a readable numeric .npy array ({type(err).__name__}: {err})") from err
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{path}: is an .npz archive, not a single .npy array")
+    return array
+
+
+def _checked_pairs(path: Path, pairs: pd.DataFrame, n_images: int, n_reports: int) -> pd.DataFrame:
+    """Check columns, row count, patient ids and report rows; return pairs with integer ``report_row``."""
     missing = [c for c in ("report_row", "patient_id") if c not in pairs.columns]
     if missing:
         raise InputError(f"{path}: missing columns {missing}")
-    if len(image) == 0:
-        raise InputError(f"{folder / 'image.npy'}: no rows, so there is nothing to audit")
-    if len(report) < 2:
-        raise InputError(f"{folder / 'report.npy'}: {len(report)} row(s); ranking needs at least 2 candidate reports")
+    if len(pairs) != n_images:
+        raise InputError(f"{path}: {len(pairs)} rows but image.npy has {n_images}; both need one row per image")
+
     no_patient = pairs["patient_id"].isna() | (pairs["patient_id"].astype(str).str.strip() == "")
     if no_patient.any():
         raise InputError(f"{path}: {int(no_patient.sum())} rows have no patient_id (first at row "
                          f"{int(np.flatnonzero(no_patient.to_numpy())[0])}); intervals resample patients")
-    if len(pairs) != len(image):
-        raise InputError(f"{path}: {len(pairs)} rows but image.npy has {len(image)}; both need one row per image")
+
     rows = pd.to_numeric(pairs["report_row"], errors="coerce")
-    bad = rows.isna() | (rows != rows.round()) | (rows < 0) | (rows >= len(report))
+    bad = rows.isna() | (rows != rows.round()) | (rows < 0) | (rows >= n_reports)
     if bad.any():
         first = int(np.flatnonzero(bad.to_numpy())[0])
         raise InputError(f"{path}: {int(bad.sum())} report_row values are not row numbers of report.npy "
-                         f"(0..{len(report) - 1}); first at row {first}: {pairs['report_row'].iloc[first]}")
-    return image, report, pairs.assign(report_row=rows.astype(np.int64))
+                         f"(0..{n_reports - 1}); first at row {first}: {pairs['report_row'].iloc[first]}")
+    return pairs.assign(report_row=rows.astype(np.int64))
 
 
 def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
