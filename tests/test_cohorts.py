@@ -87,3 +87,10 @@ def test_split_needs_two_patients(covid):
     one = covid.subset_patients([covid.images["patient_id"].iloc[0]])
     with pytest.raises(InputError, match="at least 2"):
         split_by_patient(one, 0.5, 0)
+
+
+def test_invisible_text_counts_as_empty():
+    from linkrisk.data.cohort import has_text
+
+    texts = pd.Series(["normal heart size", "   ", "\u200b\u200b", None, "1"])
+    assert has_text(texts).tolist() == [True, False, False, False, True]

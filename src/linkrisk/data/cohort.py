@@ -54,6 +54,15 @@ ALLOWED_LABEL_VALUES = (1.0, 0.0, -1.0)
 _MAX_QUOTED = 5
 
 
+def has_text(texts: pd.Series) -> pd.Series:
+    """Return which texts contain at least one letter or digit.
+
+    Whitespace-only and invisible-character-only texts (for example zero-width
+    spaces) count as empty, because an embedding of them describes nothing.
+    """
+    return texts.notna() & texts.astype(str).str.contains(r"\w", regex=True)
+
+
 def _quote(values: list[str] | pd.Series) -> str:
     values = [str(v) for v in values]
     listed = ", ".join(values[:_MAX_QUOTED])
@@ -130,7 +139,7 @@ class PairedCohort:
             problems.append(f"{orphan.sum()} images point to a report id that has no report ({_quote(pairs)})")
 
         text = self.reports["text"]
-        empty = text.isna() | (text.astype(str).str.strip() == "")
+        empty = ~has_text(text)
         if empty.any():
             problems.append(
                 f"{empty.sum()} reports have empty text (report ids: "

@@ -23,7 +23,7 @@ import pandas as pd
 
 from linkrisk._logging import logger
 from linkrisk.data._tables import read_csv
-from linkrisk.data.cohort import PairedCohort, _quote
+from linkrisk.data.cohort import PairedCohort, _quote, has_text
 from linkrisk.errors import InputError
 
 REQUIRED_COLUMNS = ("patientid", "view", "modality", "finding", "filename", "clinical_notes")
@@ -91,13 +91,13 @@ def load_covid(root: str | Path) -> PairedCohort:
 
     table = keep(table["modality"].str.strip() == "X-ray", "modality is not X-ray")
     table = keep(table["view"].str.strip().isin(X_RAY_VIEWS), "view is not a radiograph view")
-    table = keep(table["clinical_notes"].str.strip() != "", "empty clinical note")
+    table = keep(has_text(table["clinical_notes"]), "empty clinical note")
     table = keep(table["filename"].map(_is_plain_name), "filename is not a plain file name")
     exists = table["filename"].map(lambda name: (root / "images" / name).is_file())
     absent = table.loc[~exists, "filename"].tolist()
     table = keep(exists, "image file not in images/")
     if absent:
-        logger.debug("covid: absent files: %s", _quote(absent))
+        logger.info("covid: files not in images/: %s", _quote(absent))
 
     if table.empty:
         raise InputError(f"{csv_path}: no usable rows (skipped: {dict(skipped) or 'the file has no data rows'}); "

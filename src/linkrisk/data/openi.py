@@ -30,7 +30,7 @@ import pandas as pd
 
 from linkrisk._logging import logger
 from linkrisk.data._tables import read_csv
-from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote
+from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote, has_text
 from linkrisk.errors import InputError
 
 DEFAULT_SECTIONS: tuple[str, ...] = ("FINDINGS", "IMPRESSION")
@@ -151,7 +151,7 @@ def load_openi(root: str | Path, sections: tuple[str, ...] = DEFAULT_SECTIONS) -
     skipped: Counter = Counter()
     reports, image_to_report = _read_archive(archive, tuple(s.upper() for s in sections), skipped)
 
-    empty = reports["text"].str.strip() == ""
+    empty = ~has_text(reports["text"])
     if empty.any():
         skipped["report has no text in the chosen sections"] += int(empty.sum())
         logger.info("openi: %d reports have no text in sections %s; left out of the candidates", empty.sum(), sections)
@@ -161,7 +161,11 @@ def load_openi(root: str | Path, sections: tuple[str, ...] = DEFAULT_SECTIONS) -
     labels_path = root / "chexpert_labels.csv"
     if labels_path.exists():
         reports = reports.merge(_read_labels(labels_path), on="report_id", how="left")
-        logger.info("openi: CheXpert labels for %d of %d reports", reports[CHEXPERT_LABELS[0]].notna().sum(), len(reports))
+        labelled = int(reports[CHEXPERT_LABELS[0]].notna().sum())
+        if labelled == 0:
+            logger.warning("openi: %s matches none of the %d reports; its uid column must hold the numbers "
+                           "of CXR<uid>", labels_path.name, len(reports))
+        logger.info("openi: CheXpert labels for %d of %d reports", labelled, len(reports))
     else:
         for label in CHEXPERT_LABELS:
             reports[label] = float("nan")
