@@ -32,7 +32,8 @@ def test_results_schema(demo_run):
         assert run["direction"] == "image_to_report"
         assert run["negatives"] == "random"
         assert run["heads"] in ("original", "dp")
-        assert run["n_queries"] > 0 and run["n_candidates"] > 1
+        assert run["n_queries"] > 0
+        assert run["n_candidates"] > 1
         for entry in run["recall"]:
             assert set(entry) >= {"pool", "k", "value", "ci95", "chance", "lift"}
             assert entry["pool"] == "full" or isinstance(entry["pool"], int)
@@ -64,7 +65,8 @@ def test_embeddings_reproduce_full_pool_recall(demo_run):
         image = np.load(folder / "image.npy")
         report = np.load(folder / "report.npy")
         pairs = pd.read_parquet(folder / "pairs.parquet")
-        assert image.dtype == np.float32 and report.dtype == np.float32
+        assert image.dtype == np.float32
+        assert report.dtype == np.float32
         np.testing.assert_allclose(np.linalg.norm(image, axis=1), 1.0, atol=1e-5)
         np.testing.assert_allclose(np.linalg.norm(report, axis=1), 1.0, atol=1e-5)
         scores = image @ report.T
@@ -107,7 +109,8 @@ def test_report_embeds_plots_and_no_external_assets(demo_run):
     html = (out / "report.html").read_text()
     assert html.count("data:image/png;base64,") == 3
     assert not re.search(r"""(src|href)=["']https?://""", html)
-    assert "Recall@1" in html and "ε" in html
+    assert "Recall@1" in html
+    assert "ε" in html
 
 
 def test_saved_heads_reload_and_reproduce_embeddings(demo_run, covid):

@@ -141,9 +141,11 @@ def test_bootstrap_ci_resamples_patients():
     values = np.array([1.0, 1.0, 0.0, 0.0])
     low, high = cluster_bootstrap_ci(values, np.array(["a", "a", "b", "b"]), n_boot=2000, seed=0)
     # two patients: resampled means can only be 0, 0.5 or 1
-    assert low == 0.0 and high == 1.0
+    assert low == 0.0
+    assert high == 1.0
     low, high = cluster_bootstrap_ci(np.full(10, 0.3), np.arange(10), n_boot=100, seed=0)
-    assert low == pytest.approx(0.3) and high == pytest.approx(0.3)
+    assert low == pytest.approx(0.3)
+    assert high == pytest.approx(0.3)
 
 
 def test_audit_counts_skips_pools_too_large():

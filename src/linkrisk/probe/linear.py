@@ -1,8 +1,8 @@
 """Linear-probe macro AUROC: one logistic regression per label on image embeddings.
 
 A label enters the macro average only when its known values include both
-classes in the training split and in the test split; otherwise AUROC is
-undefined there and the label is listed as skipped with the reason.
+classes in the training split and in the test split. Otherwise AUROC is
+undefined there, so the label is listed as skipped with the reason.
 Uncertain (-1) and unknown (NaN) values are left out of that label's fit
 and score.
 """
