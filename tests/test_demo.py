@@ -27,10 +27,12 @@ def test_results_schema(demo_run):
     out, _ = demo_run
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == "1.0"
-    assert len(results["runs"]) == 6
+    assert len(results["runs"]) == 12
+    kinds = {(r["cohort"], r["heads"], r["negatives"]) for r in results["runs"]}
+    assert len(kinds) == 12
     for run in results["runs"]:
         assert run["direction"] == "image_to_report"
-        assert run["negatives"] == "random"
+        assert run["negatives"] in ("random", "label_matched")
         assert run["heads"] in ("original", "dp")
         assert run["n_queries"] > 0
         assert run["n_candidates"] > 1
@@ -61,6 +63,8 @@ def test_embeddings_reproduce_full_pool_recall(demo_run):
     """Recall@K in the full pool recomputed by argsort from the saved files, random ties by enumeration."""
     out, results = demo_run
     for run in results["runs"]:
+        if run["negatives"] != "random":
+            continue
         folder = out / run["embeddings"]
         image = np.load(folder / "image.npy")
         report = np.load(folder / "report.npy")
@@ -162,3 +166,35 @@ def test_text_weights_folder_is_really_used(tmp_path):
     default = WordLlamaTextEncoder()
     assert permuted.config()["weights_sha256"] != default.config()["weights_sha256"]
     assert not np.allclose(permuted.encode(["pleural effusion"]), default.encode(["pleural effusion"]))
+
+
+def test_label_matched_runs_reproduce_from_saved_files(demo_run):
+    """Full-pool Recall@1 within label groups, recomputed from image.npy, report.npy and reports.parquet."""
+    out, results = demo_run
+    for run in results["runs"]:
+        if run["negatives"] != "label_matched":
+            continue
+        folder = out / run["embeddings"]
+        image, report = np.load(folder / "image.npy"), np.load(folder / "report.npy")
+        pairs = pd.read_parquet(folder / "pairs.parquet")
+        labels = pd.read_parquet(folder / "reports.parquet").drop(columns=["report_id"]).to_numpy(dtype=float)
+        assert len(labels) == len(report)
+        vectors = np.where(labels == 1.0, 1, 0)  # label policy "zeros"
+        labelled = ~np.isnan(labels).all(axis=1)
+        hits = []
+        for q, true in enumerate(pairs["report_row"]):
+            if not labelled[true]:
+                continue
+            group = labelled & (vectors == vectors[true]).all(axis=1)
+            scores = report[group] @ image[q]
+            true_score = report[true] @ image[q]
+            same = (report[group] == report[true]).all(axis=1)
+            a = int((scores[~same] > true_score).sum())
+            e = int(same.sum()) - 1 + int((scores[~same] == true_score).sum())
+            hits.append(np.mean([a + r < 1 for r in range(e + 1)]))
+        full = next(e for e in run["recall"] if e["pool"] == "full" and e["k"] == 1)
+        assert run["n_queries"] == len(hits)
+        assert np.mean(hits) == pytest.approx(full["value"], abs=1e-6), (run["cohort"], run["heads"])
+    openi = next(r for r in results["runs"] if r["cohort"] == "openi" and r["negatives"] == "label_matched")
+    assert openi["n_candidates"] == 3337
+    assert openi["n_queries"] + openi["n_queries_without_labels"] == 40

@@ -127,3 +127,22 @@ def test_audit_matched_reports_capped_share():
     assert by_pool[10]["effective_pool"] == {"min": 1, "median": 7.5, "max": 10}
     assert by_pool["full"]["value"] == 1.0
     assert result["group_size"]["max"] == 200
+
+
+def test_label_matched_audit_skips_unlabelled(caplog):
+    from linkrisk.audit.negatives import audit_label_matched
+
+    rng = np.random.default_rng(3)
+    report = rng.normal(size=(30, 6)).astype(np.float32)
+    labels = rng.integers(0, 2, size=(30, 3)).astype(float)
+    labels[:5] = NAN  # five reports without any label
+    report_row = np.arange(30)
+    image = report + 0.1 * rng.normal(size=(30, 6)).astype(np.float32)
+    result = audit_label_matched(image, report, report_row, np.arange(30), labels, pools=[10, 100, "full"], ks=[1],
+                                 n_boot=20)
+    assert result["n_queries"] == 25
+    assert result["n_queries_without_labels"] == 5
+    assert result["n_candidates"] == 25
+    assert [e["pool"] for e in result["recall"]] == [10, "full"]  # 100 >= 25 candidates is left out
+    with pytest.raises(InputError, match="no image has a labelled true report"):
+        audit_label_matched(image[:5], report, report_row[:5], np.arange(5), labels)

@@ -26,6 +26,7 @@ import pandas as pd
 from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
+from linkrisk.audit.negatives import audit_label_matched
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import audit_counts, recall_curve
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
@@ -102,6 +103,8 @@ def _save_embeddings(folder: Path, features: Features, image_emb: np.ndarray, re
                           "report_row": features.report_row.astype(np.int64),
                           "patient_id": features.patient_ids.astype(str)})
     atomic_write(folder / "pairs.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
+    reports = features.cohort.reports[["report_id", *features.cohort.label_names]]
+    atomic_write(folder / "reports.parquet", lambda tmp: reports.to_parquet(tmp, index=False))
 
 
 def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> dict:
@@ -120,6 +123,20 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
             "level": "study", "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
             **result, "recall_at_1_curve": curve,
             "embeddings": str(folder.relative_to(config.out_dir))}
+
+
+def _audit_matched(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> dict:
+    """Re-audit with pools of reports whose label vector equals the true report's (label policy ``zeros``)."""
+    image_emb, report_emb = heads.embed(features.image, features.report)
+    result = audit_label_matched(image_emb, report_emb, features.report_row, features.patient_ids,
+                                 features.cohort.label_matrix(), "zeros", pools=list(config.pools),
+                                 ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
+    r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
+    summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
+    logger.info("audit %s / %s heads, pathology-matched pools: Recall@1 %s", name, heads_name, summary)
+    return {"cohort": name, "heads": heads_name, "direction": "image_to_report", "level": "study",
+            "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))), **result,
+            "embeddings": str((config.out_dir / "embeddings" / name / heads_name).relative_to(config.out_dir))}
 
 
 def _probe(name: str, heads_name: str, heads: DualHeads, train: Features, test: Features, config: DemoConfig) -> dict:
@@ -178,6 +195,8 @@ def run_demo(config: DemoConfig) -> dict:
         for heads_name, heads in (("original", original), ("dp", private)):
             for name, features in audited.items():
                 runs.append(_audit(name, heads_name, heads, features, config))
+                if features.cohort.label_names:
+                    runs.append(_audit_matched(name, heads_name, heads, features, config))
 
     openi_train_cohort, openi_test_cohort = split_by_patient(openi_features.cohort, 0.5, config.seed)
     probes = []

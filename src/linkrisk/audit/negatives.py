@@ -24,7 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from linkrisk.audit.recall import cluster_bootstrap_ci, expected_recall_at_k
+from linkrisk.audit.recall import cluster_bootstrap_ci, expected_recall_at_k, resolve_pools
 from linkrisk.audit.ranks import _check
 from linkrisk.errors import ConfigError, InputError
 
@@ -144,3 +144,30 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
     return {"negatives": "label_matched", "n_queries": int(len(above)), "recall": recall,
             "group_size": {"min": int(group_size.min()), "median": float(np.median(group_size)),
                            "max": int(group_size.max())}}
+
+
+def audit_label_matched(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray,
+                        patient_ids: np.ndarray, labels: np.ndarray, policy: str = "zeros",
+                        pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
+                        n_boot: int = 1000, seed: int = 0) -> dict:
+    """Image-to-report audit with pathology-matched pools.
+
+    Reports with no known label at all are left out as candidates, and
+    images whose true report has none are left out as queries; both are
+    counted in the output. ``labels`` is ``[n_reports, L]`` (1, 0, -1, NaN).
+    """
+    labels = np.asarray(labels, dtype=np.float64)
+    labelled = ~np.isnan(labels).all(axis=1) if labels.shape[1] else np.zeros(len(labels), bool)
+    new_row = np.cumsum(labelled) - 1
+    queries = labelled[report_row]
+    if not queries.any():
+        raise InputError("no image has a labelled true report, so pathology-matched pools are undefined")
+
+    positive, negative = label_bitmasks(labels[labelled], policy)
+    above, equal, size = matched_rank_counts(image_emb[queries], report_emb[labelled], new_row[report_row[queries]],
+                                             positive, negative)
+    pools = [label for label, _ in resolve_pools(list(pools), int(labelled.sum()))]
+    result = audit_matched(above, equal, size, np.asarray(patient_ids)[queries], pools, ks, n_boot, seed)
+    return {**result, "label_policy": policy, "n_candidates": int(labelled.sum()),
+            "n_queries_without_labels": int((~queries).sum()),
+            "n_candidates_without_labels": int((~labelled).sum())}

@@ -40,7 +40,7 @@ def _recall_plot(runs: list[dict], cohort: str) -> str:
     chance_drawn = False
     floor = 1.0
     for run in runs:
-        if run["cohort"] != cohort or not run["recall_at_1_curve"]:
+        if run["cohort"] != cohort or run["negatives"] != "random" or not run["recall_at_1_curve"]:
             continue
         curve = run["recall_at_1_curve"]
         pools = [p["pool"] for p in curve]
@@ -78,11 +78,14 @@ def render_html(results: dict) -> str:
                              autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = _pct
     env.filters["num"] = lambda v, digits=2: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-    cohorts = list(dict.fromkeys(run["cohort"] for run in results["runs"]))
-    plots = {cohort: _recall_plot(results["runs"], cohort) for cohort in cohorts}
-    headlines = {(run["cohort"], run["heads"]): _headline(run) for run in results["runs"]}
+    random_runs = [run for run in results["runs"] if run["negatives"] == "random"]
+    matched_runs = [run for run in results["runs"] if run["negatives"] == "label_matched"]
+    cohorts = list(dict.fromkeys(run["cohort"] for run in random_runs))
+    plots = {cohort: _recall_plot(random_runs, cohort) for cohort in cohorts}
+    headlines = {(run["cohort"], run["heads"]): _headline(run) for run in random_runs}
     return env.get_template("report.html").render(
-        results=results, cohorts=cohorts, plots=plots, headlines=headlines,
+        results=results, random_runs=random_runs, matched_runs=matched_runs, cohorts=cohorts, plots=plots,
+        headlines=headlines,
         cohort_titles=COHORT_TITLES, heads_titles=HEADS_TITLES, probe_titles=PROBE_TITLES,
     )
 
