@@ -325,3 +325,29 @@ def test_cli_audit_json_to_folder_is_one_line(embeddings_folder, tmp_path):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert "queries" in result.stdout  # the audit is printed before the write fails
+
+
+def test_cli_audit_label_matched_matches_demo(demo_run):
+    import json
+
+    out, results = demo_run
+    run = next(r for r in results["runs"] if r["cohort"] == "openi" and r["heads"] == "original"
+               and r["negatives"] == "label_matched")
+    json_path = out / "cli-matched.json"
+    result = subprocess.run([*LINKRISK, "audit", str(out / run["embeddings"]), "--negatives", "label-matched",
+                             "--n-boot", "500", "--json", str(json_path)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    again = json.loads(json_path.read_text())
+    assert again["recall"] == run["recall"]
+    assert "label policy zeros" in result.stdout
+
+
+def test_cli_audit_label_matched_needs_labels(embeddings_folder):
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--negatives", "label-matched"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "reports.parquet: not found" in " ".join(result.stderr.split())
+    result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--negatives", "hard"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "valid values: random, label-matched" in result.stderr

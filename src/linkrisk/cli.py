@@ -111,6 +111,8 @@ def audit(
     ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Bootstrap seed.")] = 0,
+    negatives: Annotated[str, typer.Option(help="Pool negatives: random (uniform) or label-matched (same label vector as the true report; needs reports.parquet).")] = "random",
+    label_policy: Annotated[str, typer.Option(help="With label-matched: uncertain and blank labels as zeros, ones (uncertain only), or ignore.")] = "zeros",
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
 ) -> None:
     """Audit saved embeddings: image-to-report Recall@K with lift and patient-bootstrap intervals."""
@@ -119,7 +121,8 @@ def audit(
     from linkrisk._io import write_json
 
     try:
-        result = audit_folder(embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed)
+        result = audit_folder(embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
+                              negatives=negatives, label_policy=label_policy)
     except LinkriskError as err:
         _fail(err)
     except (OSError, EOFError) as err:
@@ -131,7 +134,11 @@ def audit(
         console.print(f"  N={entry['pool']!s:>5} K={entry['k']:>3}  Recall {entry['value']:.4f} "
                       f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
                       f"lift {entry['lift']:.2f}")
-    console.print(f"  mean normalised rank {result['full_pool']['mean_normalised_rank']:.4f} (chance 0.5)")
+    if "full_pool" in result:
+        console.print(f"  mean normalised rank {result['full_pool']['mean_normalised_rank']:.4f} (chance 0.5)")
+    else:
+        console.print(f"  label policy {result['label_policy']}; {result['n_queries_without_labels']} queries and "
+                      f"{result['n_candidates_without_labels']} candidates without labels left out")
     if json_out:
         try:
             write_json(json_out, result)

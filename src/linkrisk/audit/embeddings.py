@@ -10,7 +10,8 @@ import pandas as pd
 from linkrisk.audit.recall import audit_counts
 from linkrisk.audit.ranks import rank_counts
 from linkrisk._logging import logger
-from linkrisk.errors import InputError
+from linkrisk.audit.negatives import audit_label_matched
+from linkrisk.errors import ConfigError, InputError
 
 
 def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
@@ -92,9 +93,43 @@ def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 2000, seed: int = 0) -> dict:
-    """Image-to-report audit of a saved embeddings folder; output as :func:`audit_counts`."""
+def load_report_labels(folder: Path, n_reports: int) -> np.ndarray:
+    """Read the label columns of ``reports.parquet`` as ``[n_reports, L]`` floats (1, 0, -1, NaN)."""
+    path = Path(folder) / "reports.parquet"
+    if not path.is_file():
+        raise InputError(f"{path}: not found; pathology-matched pools need the report labels saved beside the embeddings")
+    try:
+        table = pd.read_parquet(path)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{path}: cannot be read as Parquet ({err})") from err
+    if len(table) != n_reports:
+        raise InputError(f"{path}: {len(table)} rows but report.npy has {n_reports}; both need one row per report")
+    columns = [c for c in table.columns if c != "report_id"]
+    if not columns:
+        raise InputError(f"{path}: no label columns besides report_id")
+    labels = table[columns].apply(pd.to_numeric, errors="coerce")
+    bad = (labels.isna() & table[columns].notna()).to_numpy()
+    if bad.any():
+        row, column = np.argwhere(bad)[0]
+        raise InputError(f"{path}: column {columns[column]!r} row {row} is not a number: {table[columns[column]].iloc[row]!r}")
+    return labels.to_numpy(dtype=np.float64)
+
+
+def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 2000, seed: int = 0,
+                 negatives: str = "random", label_policy: str = "zeros") -> dict:
+    """Image-to-report audit of a saved embeddings folder.
+
+    ``negatives`` ``random`` gives the output of :func:`audit_counts`;
+    ``label-matched`` that of :func:`~linkrisk.audit.negatives.audit_label_matched`,
+    reading labels from ``reports.parquet``.
+    """
+    if negatives not in ("random", "label-matched"):
+        raise ConfigError(f"unknown negatives {negatives!r}; valid values: random, label-matched")
     image, report, pairs = load_embeddings(folder)
+    patient_ids = pairs["patient_id"].astype(str).to_numpy()
+    if negatives == "label-matched":
+        labels = load_report_labels(folder, len(report))
+        return audit_label_matched(image, report, pairs["report_row"].to_numpy(), patient_ids, labels, label_policy,
+                                   pools, ks, n_boot=n_boot, seed=seed)
     above, equal = rank_counts(image, report, pairs["report_row"].to_numpy())
-    return audit_counts(above, equal, len(report), pairs["patient_id"].astype(str).to_numpy(), pools, ks,
-                        n_boot=n_boot, seed=seed)
+    return audit_counts(above, equal, len(report), patient_ids, pools, ks, n_boot=n_boot, seed=seed)

@@ -141,7 +141,8 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
                                    "max": int(effective.max())},
                 "full_pool_share": 1.0 if pool == "full" else float((effective == int(pool)).mean()),
             })
-    return {"negatives": "label_matched", "n_queries": int(len(above)), "recall": recall,
+    return {"negatives": "label_matched", "n_queries": int(len(above)), "queries_with_ties": int((equal > 0).sum()),
+            "recall": recall,
             "group_size": {"min": int(group_size.min()), "median": float(np.median(group_size)),
                            "max": int(group_size.max())}}
 
