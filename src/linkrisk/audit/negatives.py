@@ -1,7 +1,7 @@
 """Pathology-matched hard negatives: pools drawn only from reports with the true report's labels.
 
 Each report's 14 CheXpert observations become two bitmasks: ``positive``
-and ``negative`` (bit ``j`` for observation ``j``). The label policy says
+and ``negative`` (bit ``j`` for observation ``j``). The label policy sets
 what uncertain (-1) and blank (NaN) values become:
 
 - ``zeros`` (default): both count as negative.
@@ -153,9 +153,9 @@ def audit_label_matched(image_emb: np.ndarray, report_emb: np.ndarray, report_ro
                         n_boot: int = 1000, seed: int = 0) -> dict:
     """Image-to-report audit with pathology-matched pools.
 
-    Reports with no known label at all are left out as candidates, and
-    images whose true report has none are left out as queries; both are
-    counted in the output. ``labels`` is ``[n_reports, L]`` (1, 0, -1, NaN).
+    Reports with no known label at all are left out as candidates. Images
+    whose true report has none are left out as queries. The output counts
+    both. ``labels`` is ``[n_reports, L]`` (1, 0, -1, NaN).
     """
     labels = np.asarray(labels, dtype=np.float64)
     labelled = ~np.isnan(labels).all(axis=1) if labels.shape[1] else np.zeros(len(labels), bool)
