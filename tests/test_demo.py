@@ -198,3 +198,19 @@ def test_label_matched_runs_reproduce_from_saved_files(demo_run):
     openi = next(r for r in results["runs"] if r["cohort"] == "openi" and r["negatives"] == "label_matched")
     assert openi["n_candidates"] == 3337
     assert openi["n_queries"] + openi["n_queries_without_labels"] == 40
+
+
+def test_assignment_attack_in_results(demo_run):
+    _, results = demo_run
+    for run in results["runs"]:
+        if run["negatives"] != "random":
+            continue
+        sizes = [entry["batch_size"] for entry in run["assignment"]]
+        reports_with_images = {"covid_test": 64, "covid_train": 226, "openi": 40}[run["cohort"]]
+        assert sizes == [n for n in (10, 100, 1000) if n <= reports_with_images]
+        for entry in run["assignment"]:
+            assert 0.0 <= entry["value"] <= 1.0
+            assert entry["chance"] == 1.0 / entry["batch_size"]
+    train = next(r for r in results["runs"] if r["cohort"] == "covid_train" and r["heads"] == "original"
+                 and r["negatives"] == "random")
+    assert train["assignment"][0]["ci95"][0] > 0.5  # memorised pairs are re-linked in bulk

@@ -26,6 +26,7 @@ import pandas as pd
 from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
+from linkrisk.audit.assignment import assignment_attack
 from linkrisk.audit.negatives import audit_label_matched
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import audit_counts, recall_curve
@@ -116,12 +117,14 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
                           ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
     curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
                          n_boot=min(config.n_boot, 500), seed=config.seed)
+    assignment = assignment_attack(image_emb, report_emb, features.report_row, batch_sizes=[10, 100, 1000],
+                                   n_batches=100, n_boot=min(config.n_boot, 1000), seed=config.seed)
     r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
     summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
     logger.info("audit %s / %s heads: Recall@1 %s", name, heads_name, summary)
     return {"cohort": name, "heads": heads_name, "direction": "image_to_report", "negatives": "random",
             "level": "study", "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
-            **result, "recall_at_1_curve": curve,
+            **result, "recall_at_1_curve": curve, "assignment": assignment,
             "embeddings": str(folder.relative_to(config.out_dir))}
 
 
