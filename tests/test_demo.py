@@ -214,3 +214,20 @@ def test_assignment_attack_in_results(demo_run):
     train = next(r for r in results["runs"] if r["cohort"] == "covid_train" and r["heads"] == "original"
                  and r["negatives"] == "random")
     assert train["assignment"][0]["ci95"][0] > 0.5  # memorised pairs are re-linked in bulk
+
+
+def test_risk_table_written_per_run(demo_run):
+    out, results = demo_run
+    for run in results["runs"]:
+        if run["negatives"] != "random":
+            continue
+        risk = pd.read_parquet(out / run["embeddings"] / "risk.parquet")
+        assert len(risk) == run["n_queries"]
+        assert list(risk.columns) == ["risk_rank", "image_id", "patient_id", "full_pool_rank", "p_top1_pool", "pool",
+                                      "margin"]
+        assert risk["p_top1_pool"].is_monotonic_decreasing
+        full = next(e for e in run["recall"] if e["pool"] == "full" and e["k"] == 1)
+        if run["n_candidates"] <= 100:
+            assert risk["p_top1_pool"].mean() == pytest.approx(full["value"])
+        expected_rank = 1 + run["full_pool"]["mean_normalised_rank"] * (run["n_candidates"] - 1)
+        assert risk["full_pool_rank"].mean() == pytest.approx(expected_rank)

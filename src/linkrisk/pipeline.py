@@ -29,6 +29,7 @@ from linkrisk._logging import logger, stage
 from linkrisk.audit.assignment import assignment_attack
 from linkrisk.audit.negatives import audit_label_matched
 from linkrisk.audit.ranks import rank_counts
+from linkrisk.audit.risk import record_risk, true_score_margin
 from linkrisk.audit.recall import audit_counts, recall_curve
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
@@ -117,6 +118,9 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
                           ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
     curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
                          n_boot=min(config.n_boot, 500), seed=config.seed)
+    risk = record_risk(features.cohort.images["image_id"].to_numpy(), features.patient_ids, above, equal,
+                       len(report_emb), true_score_margin(image_emb, report_emb, features.report_row))
+    atomic_write(folder / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
     assignment = assignment_attack(image_emb, report_emb, features.report_row, batch_sizes=[10, 100, 1000],
                                    n_batches=100, n_boot=min(config.n_boot, 1000), seed=config.seed)
     r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
