@@ -109,10 +109,21 @@ def _save_embeddings(folder: Path, features: Features, image_emb: np.ndarray, re
     atomic_write(folder / "reports.parquet", lambda tmp: reports.to_parquet(tmp, index=False))
 
 
-def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> dict:
+def _log_recall_at_1(run: dict, pools_kind: str) -> None:
+    r1 = {entry["pool"]: entry for entry in run["recall"] if entry["k"] == 1}
+    summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
+    logger.info("audit %s / %s heads, %s pools: Recall@1 %s", run["cohort"], run["heads"], pools_kind, summary)
+
+
+def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> list[dict]:
+    """Embed one cohort with one pair of heads, save the embeddings, and audit with uniform and label-matched pools."""
     image_emb, report_emb = heads.embed(features.image, features.report)
     folder = config.out_dir / "embeddings" / name / heads_name
     _save_embeddings(folder, features, image_emb, report_emb)
+    common = {"cohort": name, "heads": heads_name, "direction": "image_to_report", "level": "study",
+              "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
+              "embeddings": str(folder.relative_to(config.out_dir))}
+
     above, equal = rank_counts(image_emb, report_emb, features.report_row)
     result = audit_counts(above, equal, len(report_emb), features.patient_ids, pools=list(config.pools),
                           ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
@@ -123,27 +134,17 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     atomic_write(folder / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
     assignment = assignment_attack(image_emb, report_emb, features.report_row, batch_sizes=[10, 100, 1000],
                                    n_batches=100, n_boot=min(config.n_boot, 1000), seed=config.seed)
-    r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
-    summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
-    logger.info("audit %s / %s heads: Recall@1 %s", name, heads_name, summary)
-    return {"cohort": name, "heads": heads_name, "direction": "image_to_report", "negatives": "random",
-            "level": "study", "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
-            **result, "recall_at_1_curve": curve, "assignment": assignment,
-            "embeddings": str(folder.relative_to(config.out_dir))}
+    runs = [{**common, "negatives": "random", **result, "recall_at_1_curve": curve, "assignment": assignment}]
+    _log_recall_at_1(runs[-1], "uniform")
 
-
-def _audit_matched(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> dict:
-    """Re-audit with pools of reports whose label vector equals the true report's (label policy ``zeros``)."""
-    image_emb, report_emb = heads.embed(features.image, features.report)
-    result = audit_label_matched(image_emb, report_emb, features.report_row, features.patient_ids,
-                                 features.cohort.label_matrix(), "zeros", pools=list(config.pools),
-                                 ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
-    r1 = {entry["pool"]: entry for entry in result["recall"] if entry["k"] == 1}
-    summary = ", ".join(f"N={p}: {e['value']:.3f} ({e['lift']:.1f}x chance)" for p, e in r1.items())
-    logger.info("audit %s / %s heads, pathology-matched pools: Recall@1 %s", name, heads_name, summary)
-    return {"cohort": name, "heads": heads_name, "direction": "image_to_report", "level": "study",
-            "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))), **result,
-            "embeddings": str((config.out_dir / "embeddings" / name / heads_name).relative_to(config.out_dir))}
+    if features.cohort.label_names:
+        # Pools of reports whose label vector equals the true report's, uncertain and blank counted as negative.
+        matched = audit_label_matched(image_emb, report_emb, features.report_row, features.patient_ids,
+                                      features.cohort.label_matrix(), "zeros", pools=list(config.pools),
+                                      ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
+        runs.append({**common, **matched})
+        _log_recall_at_1(runs[-1], "pathology-matched")
+    return runs
 
 
 def _probe(name: str, heads_name: str, heads: DualHeads, train: Features, test: Features, config: DemoConfig) -> dict:
@@ -201,9 +202,7 @@ def run_demo(config: DemoConfig) -> dict:
     with stage("audit image-to-report linkage"):
         for heads_name, heads in (("original", original), ("dp", private)):
             for name, features in audited.items():
-                runs.append(_audit(name, heads_name, heads, features, config))
-                if features.cohort.label_names:
-                    runs.append(_audit_matched(name, heads_name, heads, features, config))
+                runs.extend(_audit(name, heads_name, heads, features, config))
 
     openi_train_cohort, openi_test_cohort = split_by_patient(openi_features.cohort, 0.5, config.seed)
     probes = []
