@@ -10,6 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from brute_force import tie_aware_hit
+
 
 def test_outputs_written(demo_run):
     out, _ = demo_run
@@ -83,9 +85,7 @@ def test_embeddings_reproduce_full_pool_recall(demo_run):
             for q, true in enumerate(rows):
                 # identical report rows tie; other scores compared exactly
                 same = (report == report[true]).all(axis=1)
-                a = int((scores[q][~same] > scores[q, true]).sum())
-                e = int(same.sum()) - 1 + int((scores[q][~same] == scores[q, true]).sum())
-                hit.append(np.mean([a + r < k for r in range(e + 1)]))
+                hit.append(tie_aware_hit(scores[q][~same], scores[q, true], int(same.sum()) - 1, k))
             assert np.mean(hit) == pytest.approx(entry["value"], abs=1e-9), (run["cohort"], run["heads"], k)
 
 
@@ -189,9 +189,7 @@ def test_label_matched_runs_reproduce_from_saved_files(demo_run):
             scores = report[group] @ image[q]
             true_score = report[true] @ image[q]
             same = (report[group] == report[true]).all(axis=1)
-            a = int((scores[~same] > true_score).sum())
-            e = int(same.sum()) - 1 + int((scores[~same] == true_score).sum())
-            hits.append(np.mean([a + r < 1 for r in range(e + 1)]))
+            hits.append(tie_aware_hit(scores[~same], true_score, int(same.sum()) - 1, 1))
         full = next(e for e in run["recall"] if e["pool"] == "full" and e["k"] == 1)
         assert run["n_queries"] == len(hits)
         assert np.mean(hits) == pytest.approx(full["value"], abs=1e-6), (run["cohort"], run["heads"])

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import itertools
-
 import numpy as np
 import pytest
 
+from brute_force import enumerate_pool_recall
 from linkrisk.audit.negatives import audit_matched, capped_recall, label_bitmasks, matched_rank_counts
 from linkrisk.errors import ConfigError, InputError
 
@@ -90,17 +89,6 @@ def test_matched_counts_match_brute_force_on_real_labels(openi, policy):
         assert equal[q] == (s == true_score).sum() - 1
 
 
-def _enumerate(scores: list[float], true: int, pool: int, k: int) -> float:
-    others = [j for j in range(len(scores)) if j != true]
-    total, hits = 0, 0.0
-    for drawn in itertools.combinations(others, pool - 1):
-        a = sum(scores[j] > scores[true] for j in drawn)
-        e = sum(scores[j] == scores[true] for j in drawn)
-        hits += sum(a + r < k for r in range(e + 1)) / (e + 1)
-        total += 1
-    return hits / total
-
-
 def test_capped_pools_match_enumeration_with_ties():
     # One query per group; scores within the group as in the tied case [1, 2, 5, 4, 5].
     group_scores = [[1, 2, 5, 4, 5], [3, 3, 3], [7]]
@@ -112,7 +100,7 @@ def test_capped_pools_match_enumeration_with_ties():
         recall, chance, effective = capped_recall(above, equal, size, pool, k)
         for q, (g, t) in enumerate(zip(group_scores, true_positions)):
             n = len(g) if pool == "full" else min(pool, len(g))
-            expected = 1.0 if n <= k else _enumerate(g, t, n, k)
+            expected = 1.0 if n <= k else enumerate_pool_recall(g, t, n, k)
             assert recall[q] == pytest.approx(expected, abs=1e-12), (pool, k, q)
             assert effective[q] == n
             assert chance[q] == pytest.approx(min(1.0, k / n))

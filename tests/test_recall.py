@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 
 import numpy as np
 import pytest
 
+from brute_force import enumerate_pool_recall
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import (
     audit_counts,
@@ -17,19 +17,6 @@ from linkrisk.audit.recall import (
     reciprocal_rank,
 )
 from linkrisk.errors import ConfigError, InputError
-
-
-def _enumerate_recall(scores: np.ndarray, true: int, pool_size: int, k: int) -> float:
-    """Exact expectation over every pool and every order of tied scores, by enumeration."""
-    others = [j for j in range(len(scores)) if j != true]
-    hits, total = 0.0, 0
-    for drawn in itertools.combinations(others, pool_size - 1):
-        above = sum(scores[j] > scores[true] for j in drawn)
-        tied = sum(scores[j] == scores[true] for j in drawn)
-        # the true candidate's position among tied+1 equal scores is uniform
-        hits += sum(above + r < k for r in range(tied + 1)) / (tied + 1)
-        total += 1
-    return hits / total
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -42,7 +29,7 @@ def test_closed_form_matches_enumeration(seed):
     equal = np.array([(scores == scores[true]).sum() - 1])
     for pool_size in range(2, m + 1):
         for k in range(1, pool_size):
-            expected = _enumerate_recall(scores, true, pool_size, k)
+            expected = enumerate_pool_recall(scores, true, pool_size, k)
             got = expected_recall_at_k(above, equal, m, pool_size, k)[0]
             assert got == pytest.approx(expected, abs=1e-12), (pool_size, k)
 

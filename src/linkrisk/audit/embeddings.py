@@ -28,13 +28,17 @@ def load_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]
         raise InputError(f"{folder / 'report.npy'}: {len(report)} row(s); ranking needs at least 2 candidate reports")
 
     path = folder / "pairs.parquet"
+    pairs = _read_parquet(path, "expected image.npy, report.npy and pairs.parquet")
+    return image, report, _checked_pairs(path, pairs, len(image), len(report))
+
+
+def _read_parquet(path: Path, missing_hint: str) -> pd.DataFrame:
     if not path.is_file():
-        raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet")
+        raise InputError(f"{path}: not found; {missing_hint}")
     try:
-        pairs = pd.read_parquet(path)
+        return pd.read_parquet(path)
     except (OSError, ValueError) as err:
         raise InputError(f"{path}: cannot be read as Parquet ({err})") from err
-    return image, report, _checked_pairs(path, pairs, len(image), len(report))
 
 
 def _read_npy(path: Path) -> np.ndarray:
@@ -96,12 +100,7 @@ def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
 def load_report_labels(folder: Path, n_reports: int) -> np.ndarray:
     """Read the label columns of ``reports.parquet`` as ``[n_reports, L]`` floats (1, 0, -1, NaN)."""
     path = Path(folder) / "reports.parquet"
-    if not path.is_file():
-        raise InputError(f"{path}: not found; pathology-matched pools need the report labels saved beside the embeddings")
-    try:
-        table = pd.read_parquet(path)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{path}: cannot be read as Parquet ({err})") from err
+    table = _read_parquet(path, "pathology-matched pools need the report labels saved beside the embeddings")
     if len(table) != n_reports:
         raise InputError(f"{path}: {len(table)} rows but report.npy has {n_reports}; both need one row per report")
     columns = [c for c in table.columns if c != "report_id"]
