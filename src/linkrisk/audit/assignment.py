@@ -1,7 +1,7 @@
 """One-to-one assignment attack: re-link a whole released batch at once.
 
-An attacker holding N images and their N reports knows each report
-belongs to exactly one image. Solving the assignment problem (maximum
+An attacker holding N images and their N reports can use the fact that
+each report belongs to exactly one image. Solving the assignment problem (maximum
 total cosine similarity, ``scipy.optimize.linear_sum_assignment``) uses
 that constraint and can beat linking each image to its own best report.
 Batches hold N distinct reports, each with one of its images drawn at
@@ -33,10 +33,10 @@ def assignment_attack(image_emb: np.ndarray, report_emb: np.ndarray, report_row:
 
     Returns:
         One entry per N: ``{batch_size, n_batches, value, ci95, chance, lift,
-        argmax_value}`` where ``value`` is the mean fraction matched
-        correctly, ``ci95`` a percentile bootstrap over batches and
-        ``argmax_value`` the same batches linked image by image (each image
-        to its highest-scoring report in the batch, ties broken at random).
+        argmax_value}``. ``value`` is the mean fraction matched correctly and
+        ``ci95`` a percentile bootstrap over batches. ``argmax_value`` links
+        the same batches image by image: each image to its highest-scoring
+        report in the batch, ties broken at random.
     """
     rng = np.random.default_rng(seed)
     reports_with_images = np.unique(report_row)

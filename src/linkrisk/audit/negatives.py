@@ -15,8 +15,9 @@ A candidate matches a query when ``(c.pos & t.known) == t.pos`` and
 ``(c.neg & t.known) == t.neg``, with ``t`` the true report and ``t.known =
 t.pos | t.neg``. Under ``zeros`` and ``ones`` every observation is known,
 so this is plain equality of label vectors. The true report always
-matches itself. A query whose matching group holds fewer than ``N - 1``
-others gets a capped pool of its whole group; the output reports how many.
+matches itself. A query whose matching group has fewer than ``N - 1``
+others gets a capped pool of its whole group, and the output reports how
+many queries that affects.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """Per-record re-linkage risk: which released images are easiest to re-link.
 
-For every image query: its true report's expected rank in the full pool
-(random ties), its probability of ranking first in a uniform pool of 100
-(or the whole pool when smaller), and the margin of its true report's
-score over the best other report (0 when a duplicate text ties, negative
-when another report wins). The table holds ids and figures only.
+Three figures per image query. The full-pool rank is its true report's
+expected rank under random ties. The top-1 probability is the chance of
+ranking first in a uniform pool of 100 (or the whole pool when smaller).
+The margin is the true report's score minus the best other report's: 0
+when a duplicate text ties, negative when another report wins. The table
+contains ids and figures only.
 """
 
 from __future__ import annotations

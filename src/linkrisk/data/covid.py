@@ -68,8 +68,9 @@ def load_covid(root: str | Path) -> PairedCohort:
     """Load the COVID-19 collection from ``root`` (the folder with ``metadata.csv`` and ``images/``).
 
     Rows are kept when the modality is X-ray, the view is a radiograph
-    view, the note is non-empty and the image file exists; every other
-    row is skipped and counted by reason (a partial download is normal).
+    view, the note has text, the file name is plain and the image file
+    exists. Every other row is skipped and counted by reason, because a
+    partial download is normal.
     A file listed twice keeps its first row.
     """
     root = Path(root)

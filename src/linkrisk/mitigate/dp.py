@@ -15,8 +15,8 @@ private data: both come from the public cohort's features (PCA axes and
 per-feature mean and standard deviation).
 
 Privacy unit: the patient. A patient's pairs are padded to the largest
-pair count and masked; their losses are averaged into one per-patient
-loss, so adding or removing a patient changes one row of the dataset.
+pair count and masked, and their losses are averaged into one
+per-patient loss. Adding or removing a patient therefore changes one row of the dataset.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Cache layout: ``<cache_dir>/features/<encoder name>/<chunk key>.npz``.
 A chunk key hashes the encoder config and, for images, each image's id,
-path, byte size and modification time (for texts, the texts), so a
-changed file or encoder setting misses the cache and a killed run resumes
-at the first chunk not yet written. Chunks are written atomically.
+path, byte size and modification time (for texts, the texts). A changed
+file or encoder setting therefore misses the cache, and a killed run
+resumes at the first chunk not yet written. Chunks are written atomically.
 """
 
 from __future__ import annotations
