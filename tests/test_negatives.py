@@ -132,5 +132,5 @@ def test_label_matched_audit_skips_unlabelled(caplog):
     assert result["n_queries_without_labels"] == 5
     assert result["n_candidates"] == 25
     assert [e["pool"] for e in result["recall"]] == [10, "full"]  # 100 >= 25 candidates is left out
-    with pytest.raises(InputError, match="no image has a labelled true report"):
+    with pytest.raises(InputError, match="no query has a labelled true candidate"):
         audit_label_matched(image[:5], report, report_row[:5], np.arange(5), labels)

@@ -18,18 +18,29 @@ so this is plain equality of label vectors. The true report always
 matches itself. A query whose matching group has fewer than ``N - 1``
 others gets a capped pool of its whole group, and the output reports how
 many queries that affects.
+
+Nearest-label fallback (optional, named ``nearest_label`` in the output):
+a query whose group is too small has its pool filled with the candidates
+at the smallest label distance (observations known in the true vector on
+which the candidate differs). Rings closer than the one that completes the
+pool enter whole; the completing ring is sampled uniformly. The expected
+Recall@K stays exact (a two-stratum multivariate hypergeometric sum).
 """
 
 from __future__ import annotations
 
+
 import numpy as np
 import torch
+from scipy.special import gammaln
+from scipy.stats import hypergeom
 
-from linkrisk.audit.recall import cluster_bootstrap_ci, expected_recall_at_k, resolve_pools
-from linkrisk.audit.ranks import _check
+from linkrisk.audit.ranks import stream_counts
+from linkrisk.audit.recall import TIE_RULES, bootstrap_means, expected_recall_at_k, percentile_interval, resolve_pools
 from linkrisk.errors import ConfigError, InputError
 
 LABEL_POLICIES = ("zeros", "ones", "ignore")
+FALLBACKS = (None, "nearest_label")
 
 
 def label_bitmasks(labels: np.ndarray, policy: str = "zeros") -> tuple[np.ndarray, np.ndarray]:
@@ -56,7 +67,7 @@ def label_bitmasks(labels: np.ndarray, policy: str = "zeros") -> tuple[np.ndarra
 
 
 def matched_rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray, positive: np.ndarray,
-                        negative: np.ndarray, block_size: int = 1024,
+                        negative: np.ndarray, block_size: int | None = None,
                         device: str | torch.device = "cpu") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rank counts restricted to each query's label-matched candidates.
 
@@ -69,36 +80,9 @@ def matched_rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index:
         above and tying with the true candidate, and the number of matched
         candidates including the true one.
     """
-    queries = np.asarray(queries, dtype=np.float32)
-    candidates = np.asarray(candidates, dtype=np.float32)
-    true_index = np.asarray(true_index, dtype=np.int64)
-    _check(queries, candidates, true_index)
-    if len(positive) != len(candidates) or len(negative) != len(candidates):
-        raise InputError(f"{len(candidates)} candidates but {len(positive)}/{len(negative)} label rows")
-
-    cand = torch.as_tensor(candidates, device=device)
-    pos = torch.as_tensor(np.asarray(positive, dtype=np.int64), device=device)
-    neg = torch.as_tensor(np.asarray(negative, dtype=np.int64), device=device)
-    true_t = torch.as_tensor(true_index, device=device)
-    # Identical embedding rows must tie exactly whatever the matmul kernel does.
-    _, first, inverse = np.unique(candidates, axis=0, return_index=True, return_inverse=True)
-    canonical = torch.as_tensor(first[inverse.reshape(-1)], device=device)
-
-    above = np.empty(len(queries), dtype=np.int64)
-    equal = np.empty(len(queries), dtype=np.int64)
-    size = np.empty(len(queries), dtype=np.int64)
-    for start in range(0, len(queries), block_size):
-        stop = min(start + block_size, len(queries))
-        rows = true_t[start:stop]
-        t_pos, t_neg = pos[rows].view(-1, 1), neg[rows].view(-1, 1)
-        known = t_pos | t_neg
-        match = ((pos.view(1, -1) & known) == t_pos) & ((neg.view(1, -1) & known) == t_neg)
-        scores = (torch.as_tensor(queries[start:stop], device=device) @ cand.T)[:, canonical]
-        true = scores.gather(1, rows.view(-1, 1))
-        above[start:stop] = ((scores > true) & match).sum(1).cpu().numpy()
-        equal[start:stop] = ((scores == true) & match).sum(1).cpu().numpy() - 1
-        size[start:stop] = match.sum(1).cpu().numpy()
-    return above, equal, size
+    counts = stream_counts(queries, candidates, true_index, unit_positive=positive, unit_negative=negative,
+                           block_size=block_size, device=device)
+    return counts.ring_above[:, 0], counts.ring_equal[:, 0], counts.ring_size[:, 0]
 
 
 def capped_recall(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, pool_size: int | str, k: int,
@@ -118,58 +102,167 @@ def capped_recall(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
     return recall, np.minimum(1.0, k / effective), effective
 
 
+def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
+    """``log C(n, k)``, ``-inf`` where ``k < 0`` or ``k > n``."""
+    n, k = np.asarray(n, dtype=np.float64), np.asarray(k, dtype=np.float64)
+    valid = (k >= 0) & (k <= n)
+    out = np.full(np.broadcast(n, k).shape, -np.inf)
+    n_b, k_b = np.broadcast_arrays(n, k)
+    out[valid] = gammaln(n_b[valid] + 1) - gammaln(k_b[valid] + 1) - gammaln(n_b[valid] - k_b[valid] + 1)
+    return out
+
+
+def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: np.ndarray, pool_size: int, k: int,
+                    ties: str = "random") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Expected Recall@K per query in pools of ``pool_size`` filled by label distance (nearest-label fallback).
+
+    Args:
+        ring_above, ring_equal, ring_size: ``[Q, R]`` counts by label
+            distance from :func:`~linkrisk.audit.ranks.stream_counts` (ring 0
+            holds the true candidate).
+        pool_size: ``N``; a query with fewer labelled candidates in all
+            rings gets a pool of all of them.
+
+    Returns:
+        ``(recall, chance, effective_pool, distance)``, each ``[Q]``:
+        ``distance`` is the farthest label distance the pool reaches.
+
+    With ``D`` that farthest ring, rings ``< D`` enter whole (``a`` above,
+    ``e`` tied others) and ``n`` candidates are drawn from ring ``D`` (size
+    ``R``, ``a_D`` above, ``e_D`` tied). With ``x`` above and ``y`` tied
+    drawn, the true candidate is among the top ``K`` when fewer than ``K``
+    candidates precede it; under random ties its position among its
+    ``e + y + 1`` tied candidates is uniform, so
+    ``P = sum_{x,y} pmf(x, y) * clip(K - a - x, 0, e + y + 1) / (e + y + 1)``.
+    """
+    if ties not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
+    ring_above, ring_equal, ring_size = (np.asarray(a, dtype=np.int64) for a in (ring_above, ring_equal, ring_size))
+    rows = np.arange(len(ring_size))
+    cumulative = np.cumsum(ring_size, axis=1)
+    total = cumulative[:, -1]
+    effective = np.minimum(int(pool_size), total)
+    distance = (cumulative < effective[:, None]).sum(1)
+    inner = np.where(distance > 0, cumulative[rows, np.maximum(distance - 1, 0)], 1)  # true candidate included
+    inner_above = np.cumsum(ring_above, axis=1)[rows, distance] - ring_above[rows, distance]
+    inner_equal = np.cumsum(ring_equal, axis=1)[rows, distance] - ring_equal[rows, distance]
+    ring_n = ring_size[rows, distance] - (distance == 0)  # others in the completing ring
+    a_d, e_d = ring_above[rows, distance], ring_equal[rows, distance]
+    draws = effective - inner
+
+    if ties == "optimistic":
+        recall = hypergeom.cdf(k - 1 - inner_above, ring_n, a_d, draws)
+    elif ties == "pessimistic":
+        recall = hypergeom.cdf(k - 1 - inner_above - inner_equal, ring_n, a_d + e_d, draws)
+    else:
+        recall = np.zeros(len(rows))
+        log_total = _log_comb(ring_n, draws)
+        below = ring_n - a_d - e_d
+        for x in range(k):
+            log_x = _log_comb(a_d, x)
+            for y in range(int(min(e_d.max(initial=0), draws.max(initial=0))) + 1):
+                log_pmf = log_x + _log_comb(e_d, y) + _log_comb(below, draws - x - y) - log_total
+                tied = inner_equal + y + 1
+                recall += np.exp(log_pmf) * np.clip(k - inner_above - x, 0, tied) / tied
+    recall = np.where(effective <= k, 1.0, np.clip(recall, 0.0, 1.0))
+    return recall, np.minimum(1.0, k / effective), effective, distance
+
+
 def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, patient_ids: np.ndarray,
                   pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10), n_boot: int = 1000,
-                  seed: int = 0) -> dict:
+                  seed: int = 0, ties: str = "random", rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                  ) -> dict:
     """Summarise matched rank counts: Recall@K, chance and lift per pool, with effective pool sizes.
 
     Each entry carries ``effective_pool`` (min, median, max of ``N_q``) and
     ``full_pool_share``, the share of queries whose group filled the
-    requested pool.
+    requested pool. With ``rings`` (``ring_above, ring_equal, ring_size``)
+    numeric pools too small for a group are filled by the nearest-label
+    fallback; entries then also carry ``fallback_share`` (queries whose
+    pool reached past their own group) and ``max_label_distance``.
     """
-    recall = []
+    if ties not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
+    above, equal, group_size = (np.asarray(a, dtype=np.int64) for a in (above, equal, group_size))
+    entries, per_query = [], []
     for pool in pools:
         for k in ks:
             if pool != "full" and k >= int(pool):
                 continue
-            per_query, chance, effective = capped_recall(above, equal, group_size, pool, k)
-            value, mean_chance = float(per_query.mean()), float(chance.mean())
-            low, high = cluster_bootstrap_ci(per_query, patient_ids, n_boot=n_boot, seed=seed)
-            recall.append({
-                "pool": pool, "k": int(k), "value": value, "ci95": [low, high], "chance": mean_chance,
-                "lift": value / mean_chance,
+            entry = {"pool": pool, "k": int(k)}
+            if rings is not None and pool != "full":
+                values, chance, effective, distance = fallback_recall(*rings, int(pool), k, ties)
+                entry["fallback_share"] = float((distance > 0).mean())
+                entry["max_label_distance"] = int(distance.max())
+            else:
+                values, chance, effective = capped_recall(above, equal, group_size, pool, k, ties)
+            entry.update({
+                "value": float(values.mean()), "chance": float(chance.mean()),
                 "effective_pool": {"min": int(effective.min()), "median": float(np.median(effective)),
                                    "max": int(effective.max())},
-                "full_pool_share": 1.0 if pool == "full" else float((effective == int(pool)).mean()),
+                "full_pool_share": 1.0 if pool == "full" else float((np.minimum(group_size, int(pool))
+                                                                     == int(pool)).mean()),
             })
-    return {"negatives": "label_matched", "n_queries": int(len(above)), "queries_with_ties": int((equal > 0).sum()),
+            entries.append(entry)
+            per_query.append(values)
+    intervals = percentile_interval(bootstrap_means(np.stack(per_query), patient_ids, n_boot, seed)) \
+        if per_query else np.empty((0, 2))
+    recall = []
+    for entry, (low, high) in zip(entries, intervals):
+        entry["ci95"] = [float(low), float(high)]
+        entry["lift"] = entry["value"] / entry["chance"]
+        recall.append(entry)
+    return {"negatives": "label_matched", "fallback": "nearest_label" if rings is not None else None,
+            "n_queries": int(len(above)), "queries_with_ties": int((equal > 0).sum()), "tie_rule": ties,
             "recall": recall,
             "group_size": {"min": int(group_size.min()), "median": float(np.median(group_size)),
                            "max": int(group_size.max())}}
 
 
-def audit_label_matched(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray,
+def audit_label_matched(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
                         patient_ids: np.ndarray, labels: np.ndarray, policy: str = "zeros",
                         pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
-                        n_boot: int = 1000, seed: int = 0) -> dict:
-    """Image-to-report audit with pathology-matched pools.
+                        n_boot: int = 1000, seed: int = 0, *, candidate_unit: np.ndarray | None = None,
+                        ties: str = "random", fallback: str | None = None, block_size: int | None = None,
+                        device: str | torch.device = "cpu") -> dict:
+    """Audit with pathology-matched pools.
 
-    Reports with no known label at all are left out as candidates. Images
-    whose true report has none are left out as queries. The output counts
-    both. ``labels`` is ``[n_reports, L]`` (1, 0, -1, NaN).
+    Args:
+        queries: ``[Q, D]``; candidates: ``[M, D]``; true_index: ``[Q]`` true unit.
+        patient_ids: ``[Q]`` cluster labels for the bootstrap.
+        labels: ``[U, L]`` label values per candidate unit (1, 0, -1, NaN);
+            units are candidate rows when ``candidate_unit`` is None.
+        policy: one of ``LABEL_POLICIES``.
+        fallback: None or ``"nearest_label"``.
+
+    Units with no known label at all are left out as candidates, and
+    queries whose true unit has none are left out as queries. The output
+    counts both.
     """
+    if fallback not in FALLBACKS:
+        raise ConfigError(f"unknown fallback {fallback!r}; valid values: none, nearest_label")
     labels = np.asarray(labels, dtype=np.float64)
+    true_index = np.asarray(true_index, dtype=np.int64)
+    unit = np.arange(len(candidates)) if candidate_unit is None else np.asarray(candidate_unit, dtype=np.int64)
+    if labels.ndim != 2 or len(labels) != int(unit.max()) + 1:
+        raise InputError(f"{int(unit.max()) + 1} candidate units but labels of shape {labels.shape}")
     labelled = ~np.isnan(labels).all(axis=1) if labels.shape[1] else np.zeros(len(labels), bool)
-    new_row = np.cumsum(labelled) - 1
-    queries = labelled[report_row]
-    if not queries.any():
-        raise InputError("no image has a labelled true report, so pathology-matched pools are undefined")
+    new_unit = np.cumsum(labelled) - 1
+    keep_query = labelled[true_index]
+    if not keep_query.any():
+        raise InputError("no query has a labelled true candidate, so pathology-matched pools are undefined")
+    keep_candidate = labelled[unit]
 
     positive, negative = label_bitmasks(labels[labelled], policy)
-    above, equal, size = matched_rank_counts(image_emb[queries], report_emb[labelled], new_row[report_row[queries]],
-                                             positive, negative)
+    counts = stream_counts(np.asarray(queries)[keep_query], np.asarray(candidates)[keep_candidate],
+                           new_unit[true_index[keep_query]], candidate_unit=new_unit[unit[keep_candidate]],
+                           unit_positive=positive, unit_negative=negative, rings=fallback is not None,
+                           block_size=block_size, device=device)
     pools = [label for label, _ in resolve_pools(list(pools), int(labelled.sum()))]
-    result = audit_matched(above, equal, size, np.asarray(patient_ids)[queries], pools, ks, n_boot, seed)
+    rings = (counts.ring_above, counts.ring_equal, counts.ring_size) if fallback else None
+    result = audit_matched(counts.ring_above[:, 0], counts.ring_equal[:, 0], counts.ring_size[:, 0],
+                           np.asarray(patient_ids)[keep_query], pools, ks, n_boot, seed, ties, rings)
     return {**result, "label_policy": policy, "n_candidates": int(labelled.sum()),
-            "n_queries_without_labels": int((~queries).sum()),
-            "n_candidates_without_labels": int((~labelled).sum())}
+            "n_queries_without_labels": int((~keep_query).sum()),
+            "n_candidates_without_labels": int((~labelled).sum()),
+            "queries_without_matched_negatives": int((counts.ring_size[:, 0] < 2).sum())}

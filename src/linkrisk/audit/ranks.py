@@ -1,26 +1,63 @@
 """Per-query counts of candidates scoring above and equal to the true one.
 
-Every pool metric derives from two counts per query ``q`` with true
-candidate ``t(q)`` among ``M`` candidates:
+Every pool metric derives from two counts per query ``q``:
 
-- ``above[q]``: candidates with cosine score strictly greater than ``t(q)``'s,
+- ``above[q]``: candidates scoring strictly above the true candidate,
 - ``equal[q]``: *other* candidates with exactly the same score.
 
-Candidates with bitwise-identical embedding rows (duplicate report texts)
-are scored once and counted with their multiplicity, so they always tie
-with each other whatever the matmul kernel does. Scores are computed in
-float32 over blocks of queries; the ``[Q, M]`` score matrix is never held.
+Candidates can be grouped into *units* (a patient's reports, a study's
+images, identical report texts). A unit scores the maximum of its
+members' scores, and counts are then over units: "does any report of
+this patient outrank every other patient's reports?".
+
+Candidates with bitwise-identical embedding rows (duplicate report
+texts) are scored once and copied, so they tie exactly whatever the
+matmul kernel does. Scores are float32 and computed over blocks of
+queries; the ``[Q, M]`` score matrix is never held.
+
+With unit labels (:func:`~linkrisk.audit.negatives.label_bitmasks`), the
+same pass also counts, per query, the units at each *label distance*
+from the true unit: the number of observations known in the true unit's
+vector on which the other unit differs. Distance 0 is the
+pathology-matched group; larger distances feed the nearest-label
+fallback.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from linkrisk.errors import InputError
 
+# Default working memory for one block of scores and its comparison masks.
+DEFAULT_BLOCK_BYTES = 256 * 2**20
 
-def _check(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray) -> None:
+
+@dataclass
+class RankCounts:
+    """Counts from one streaming pass.
+
+    Attributes:
+        above, equal: int64 ``[Q]`` over all other units.
+        n_candidates: units in the population ``M`` (the true one included).
+        ring_above, ring_equal, ring_size: int64 ``[Q, R]`` or None. Column
+            ``d`` counts units at label distance ``d`` from the true unit:
+            scoring above it, tying with it (the true unit excluded), and
+            in total (the true unit included at ``d = 0``).
+    """
+
+    above: np.ndarray
+    equal: np.ndarray
+    n_candidates: int
+    ring_above: np.ndarray | None = None
+    ring_equal: np.ndarray | None = None
+    ring_size: np.ndarray | None = None
+
+
+def _check(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray, n_targets: int | None = None) -> None:
     if queries.ndim != 2 or candidates.ndim != 2:
         raise InputError(f"embeddings must be 2-D, got queries {queries.shape} and candidates {candidates.shape}")
     if queries.shape[1] != candidates.shape[1]:
@@ -29,16 +66,209 @@ def _check(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray) 
         )
     if len(true_index) != len(queries):
         raise InputError(f"{len(queries)} queries but {len(true_index)} true indices")
-    if len(true_index) and (true_index.min() < 0 or true_index.max() >= len(candidates)):
-        raise InputError(f"true indices must lie in [0, {len(candidates)}), got {true_index.min()}..{true_index.max()}")
+    n_targets = len(candidates) if n_targets is None else n_targets
+    if len(true_index) and (true_index.min() < 0 or true_index.max() >= n_targets):
+        raise InputError(f"true indices must lie in [0, {n_targets}), got {true_index.min()}..{true_index.max()}")
     for name, array in (("query", queries), ("candidate", candidates)):
         bad = ~np.isfinite(array).all(axis=1)
         if bad.any():
             raise InputError(f"{bad.sum()} {name} embedding rows contain NaN or inf (first row {np.flatnonzero(bad)[0]})")
 
 
-# Default working memory for one block of scores and its comparison masks.
-DEFAULT_BLOCK_BYTES = 512 * 2**20
+def _as_index(values: np.ndarray, what: str) -> np.ndarray:
+    values = np.asarray(values)
+    if values.size and not np.issubdtype(values.dtype, np.integer):
+        raise InputError(f"{what} must be integers, got dtype {values.dtype}")
+    return values.astype(np.int64)
+
+
+def _popcount(values: np.ndarray) -> np.ndarray:
+    """Set bits of non-negative int64 values, elementwise."""
+    as_bytes = np.ascontiguousarray(values, dtype=np.int64).view(np.uint8).reshape(*values.shape, 8)
+    return np.unpackbits(as_bytes, axis=-1).sum(-1).astype(np.int64)
+
+
+@dataclass
+class _Layout:
+    """Candidates sorted by (label group, unit) so units and groups are contiguous column ranges."""
+
+    scored: torch.Tensor          # unique candidate rows to score, [Mu, D]
+    expand: np.ndarray | None     # [M] column of each sorted candidate in ``scored``, None without duplicates
+    unit_starts: np.ndarray | None  # [U] first sorted column of each unit, None when units are single candidates
+    new_unit: np.ndarray          # [U] sorted position of each caller unit id
+    group_starts: np.ndarray      # [G] first unit of each label group
+    group_of_unit: np.ndarray     # [U] group of each sorted unit
+    distance: np.ndarray | None   # [G, G] label distance from group row to group column
+
+
+def _layout(candidates: np.ndarray, candidate_unit: np.ndarray, n_units: int, positive: np.ndarray | None,
+            negative: np.ndarray | None, device: str | torch.device) -> _Layout:
+    if positive is not None:
+        keys = np.stack([positive, negative], axis=1)
+        group_keys, unit_group = np.unique(keys, axis=0, return_inverse=True)
+        unit_group = unit_group.reshape(-1)
+        known = group_keys[:, 0] | group_keys[:, 1]
+        distance = (_popcount(known)[:, None] - _popcount(group_keys[:, None, 0] & group_keys[None, :, 0])
+                    - _popcount(group_keys[:, None, 1] & group_keys[None, :, 1]))
+    else:
+        unit_group = np.zeros(n_units, dtype=np.int64)
+        distance = None
+    unit_order = np.argsort(unit_group, kind="stable")
+    new_unit = np.empty(n_units, dtype=np.int64)
+    new_unit[unit_order] = np.arange(n_units)
+    group_of_unit = unit_group[unit_order]
+    group_starts = np.flatnonzero(np.r_[True, group_of_unit[1:] != group_of_unit[:-1]])
+
+    sorted_unit = new_unit[candidate_unit]
+    column_order = np.argsort(sorted_unit, kind="stable")
+    sorted_candidates = candidates[column_order]
+    single = len(candidates) == n_units
+    unit_starts = None if single else np.flatnonzero(np.r_[True, np.diff(sorted_unit[column_order]) != 0])
+
+    unique, first, inverse = np.unique(sorted_candidates, axis=0, return_index=True, return_inverse=True)
+    expand = None
+    if len(unique) < len(sorted_candidates):
+        scored = sorted_candidates[np.sort(first)]
+        # Map every sorted candidate to its unique row, keeping the first occurrence order.
+        rank_of_unique = np.empty(len(unique), dtype=np.int64)
+        rank_of_unique[np.argsort(first, kind="stable")] = np.arange(len(unique))
+        expand = rank_of_unique[inverse.reshape(-1)]
+    else:
+        scored = sorted_candidates
+    return _Layout(torch.as_tensor(np.ascontiguousarray(scored), device=device), expand, unit_starts, new_unit,
+                   group_starts, group_of_unit, distance)
+
+
+def _count_true(mask: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(mask, np.ndarray):
+        return mask.view(np.int8).sum(1, dtype=np.int64)
+    return mask.sum(1).cpu().numpy()
+
+
+def _segment_counts(mask: np.ndarray | torch.Tensor, starts: np.ndarray, segment_of_column: torch.Tensor | None,
+                    ) -> np.ndarray:
+    """Sum a ``[B, U]`` mask over contiguous column segments starting at ``starts``: ``[B, G]``."""
+    if isinstance(mask, np.ndarray):
+        return np.add.reduceat(mask.view(np.int8), starts, axis=1, dtype=np.int64)
+    out = torch.zeros(mask.shape[0], len(starts), dtype=torch.int64, device=mask.device)
+    out.scatter_add_(1, segment_of_column.expand(mask.shape[0], -1), mask.to(torch.int64))
+    return out.cpu().numpy()
+
+
+def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray, *,
+                  candidate_unit: np.ndarray | None = None, unit_positive: np.ndarray | None = None,
+                  unit_negative: np.ndarray | None = None, rings: bool = False, block_size: int | None = None,
+                  device: str | torch.device = "cpu", backend: str = "auto") -> RankCounts:
+    """Count units scoring above and tying with each query's true unit, in one pass over score blocks.
+
+    Args:
+        queries: ``[Q, D]`` float embeddings (L2-normalised for cosine scores).
+        candidates: ``[M, D]`` float embeddings.
+        true_index: ``[Q]`` int, each query's true unit (a candidate row when
+            ``candidate_unit`` is None).
+        candidate_unit: ``[M]`` int unit of each candidate, ids ``0..U-1``
+            all present. A unit scores the maximum over its members.
+        unit_positive, unit_negative: ``[U]`` int64 label bitmasks per unit
+            (:func:`~linkrisk.audit.negatives.label_bitmasks`); with them the
+            counts are also split by label distance (``ring_*``).
+        rings: count every label distance (for the nearest-label fallback);
+            otherwise only distance 0, the pathology-matched group.
+        block_size: queries scored per matmul. Default: as many as fit in
+            256 MiB of scores and masks.
+        device: torch device for the matmul (and the counting off CPU).
+        backend: ``auto`` (NumPy on CPU, torch elsewhere) or ``torch``.
+
+    Returns:
+        :class:`RankCounts`.
+    """
+    true_index = _as_index(true_index, "true indices")
+    queries = np.asarray(queries, dtype=np.float32)
+    candidates = np.asarray(candidates, dtype=np.float32)
+    if candidate_unit is None:
+        unit = np.arange(len(candidates), dtype=np.int64)
+    else:
+        unit = _as_index(candidate_unit, "candidate units")
+        if unit.shape != (len(candidates),):
+            raise InputError(f"{len(candidates)} candidates but {unit.shape[0] if unit.ndim else 0} unit ids")
+    n_units = int(unit.max()) + 1 if len(unit) else 0
+    if len(unit) and (unit.min() < 0 or len(np.unique(unit)) != n_units):
+        raise InputError(f"candidate unit ids must cover 0..{n_units - 1} without gaps")
+    _check(queries, candidates, true_index, n_units)
+    labelled = unit_positive is not None
+    if labelled and (len(unit_positive) != n_units or len(unit_negative) != n_units):
+        raise InputError(f"{n_units} candidate units but {len(unit_positive)}/{len(unit_negative)} label rows")
+
+    layout = _layout(candidates, unit, n_units, np.asarray(unit_positive, np.int64) if labelled else None,
+                     np.asarray(unit_negative, np.int64) if labelled else None, device)
+    true_unit = layout.new_unit[true_index]
+    true_group = layout.group_of_unit[true_unit]
+    use_numpy = backend == "auto" and torch.device(device).type == "cpu"
+    # Sorting queries by true group keeps each block's matched columns in a few contiguous ranges.
+    query_order = np.argsort(true_group, kind="stable") if labelled else np.arange(len(queries))
+    group_ends = np.r_[layout.group_starts[1:], n_units]
+    # Pathology-matched counts without rings: if every unit's vector is fully known, distance 0 is one group.
+    whole_groups = labelled and not rings and bool(
+        (layout.distance > 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
+    n_rings = (int(layout.distance.max()) + 1 if rings else 1) if labelled else 0
+
+    if block_size is None:
+        row_bytes = 4 * (len(layout.scored) + len(candidates) + n_units) + 2 * n_units
+        block_size = max(1, DEFAULT_BLOCK_BYTES // row_bytes)
+    torch_unit = None if layout.unit_starts is None else torch.as_tensor(
+        np.repeat(np.arange(n_units), np.diff(np.r_[layout.unit_starts, len(candidates)])), device=device)
+    torch_group = torch.as_tensor(layout.group_of_unit, device=device).view(1, -1) if labelled else None
+    expand_t = None if layout.expand is None else torch.as_tensor(layout.expand, device=device)
+
+    above = np.empty(len(queries), dtype=np.int64)
+    equal = np.empty(len(queries), dtype=np.int64)
+    ring_above = np.zeros((len(queries), n_rings), dtype=np.int64)
+    ring_equal = np.zeros((len(queries), n_rings), dtype=np.int64)
+    for start in range(0, len(queries), block_size):
+        rows = query_order[start:start + block_size]
+        scores = torch.as_tensor(queries[rows], device=device) @ layout.scored.T
+        if use_numpy:
+            scores = scores.numpy()
+            if layout.expand is not None:
+                scores = scores[:, layout.expand]
+            if layout.unit_starts is not None:
+                scores = np.maximum.reduceat(scores, layout.unit_starts, axis=1)
+            true = scores[np.arange(len(rows)), true_unit[rows]][:, None]
+            higher, tied = np.greater(scores, true), np.equal(scores, true)
+        else:
+            if expand_t is not None:
+                scores = scores[:, expand_t]
+            if torch_unit is not None:
+                scores = torch.full((len(rows), n_units), float("-inf"), device=device).scatter_reduce_(
+                    1, torch_unit.expand(len(rows), -1), scores, "amax")
+            true = scores.gather(1, torch.as_tensor(true_unit[rows], device=device).view(-1, 1))
+            higher, tied = scores > true, scores == true
+        above[rows] = _count_true(higher)
+        equal[rows] = _count_true(tied) - 1
+        if not labelled:
+            continue
+        if whole_groups:
+            for group in np.unique(true_group[rows]):
+                inside = np.flatnonzero(true_group[rows] == group)
+                cols = slice(layout.group_starts[group], group_ends[group])
+                ring_above[rows[inside], 0] = _count_true(higher[inside][:, cols])
+                ring_equal[rows[inside], 0] = _count_true(tied[inside][:, cols]) - 1
+            continue
+        by_group_above = _segment_counts(higher, layout.group_starts, torch_group)
+        by_group_equal = _segment_counts(tied, layout.group_starts, torch_group)
+        distance = layout.distance[true_group[rows]]
+        for ring in range(n_rings):
+            at_ring = distance == ring
+            ring_above[rows, ring] = (by_group_above * at_ring).sum(1)
+            ring_equal[rows, ring] = (by_group_equal * at_ring).sum(1)
+        ring_equal[rows, 0] -= 1
+
+    if not labelled:
+        return RankCounts(above, equal, n_units)
+    group_sizes = np.diff(np.r_[layout.group_starts, n_units])
+    ring_size = np.zeros((len(queries), n_rings), dtype=np.int64)
+    for ring in range(n_rings):
+        ring_size[:, ring] = ((layout.distance[true_group] == ring) * group_sizes[None, :]).sum(1)
+    return RankCounts(above, equal, n_units, ring_above, ring_equal, ring_size)
 
 
 def rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
@@ -49,45 +279,11 @@ def rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
         queries: ``[Q, D]`` float embeddings (L2-normalised for cosine scores).
         candidates: ``[M, D]`` float embeddings.
         true_index: ``[Q]`` int, row of each query's true candidate.
-        block_size: queries scored per matmul. Peak memory is about
-            ``block_size * M_unique * 6`` bytes (float32 scores plus two
-            boolean masks). Default: as many queries as fit in 512 MiB.
+        block_size: queries scored per matmul (default: from a 256 MiB budget).
         device: torch device for the matmul.
 
     Returns:
         ``(above, equal)``: int64 arrays ``[Q]``; ``equal`` excludes the true candidate itself.
     """
-    true_index = np.asarray(true_index)
-    if true_index.size and not np.issubdtype(true_index.dtype, np.integer):
-        raise InputError(f"true indices must be integers, got dtype {true_index.dtype}")
-    queries = np.asarray(queries, dtype=np.float32)
-    candidates = np.asarray(candidates, dtype=np.float32)
-    true_index = true_index.astype(np.int64)
-    _check(queries, candidates, true_index)
-
-    unique, inverse, multiplicity = np.unique(candidates, axis=0, return_inverse=True, return_counts=True)
-    inverse = inverse.reshape(-1)
-    cand = torch.as_tensor(unique, device=device)
-    true_unique = torch.as_tensor(inverse[true_index], device=device)
-    if block_size is None:
-        block_size = max(1, DEFAULT_BLOCK_BYTES // (6 * len(unique)))
-    # With duplicates, a mask is weighted by multiplicity through a float32
-    # matmul, exact for counts below 2**24; without them a plain sum suffices.
-    weighted = bool((multiplicity > 1).any())
-    if weighted and len(candidates) >= 2**24:
-        raise InputError(f"{len(candidates)} candidates exceed the 2**24 exact-count limit of duplicate weighting")
-    mult = torch.as_tensor(multiplicity, device=device, dtype=torch.float32)
-
-    def count(mask: torch.Tensor) -> np.ndarray:
-        total = (mask.to(torch.float32) @ mult) if weighted else mask.sum(1)
-        return total.round().to(torch.int64).cpu().numpy()
-
-    above = np.empty(len(queries), dtype=np.int64)
-    equal = np.empty(len(queries), dtype=np.int64)
-    for start in range(0, len(queries), block_size):
-        stop = min(start + block_size, len(queries))
-        scores = torch.as_tensor(queries[start:stop], device=device) @ cand.T
-        true = scores.gather(1, true_unique[start:stop].view(-1, 1))
-        above[start:stop] = count(scores > true)
-        equal[start:stop] = count(scores == true) - 1
-    return above, equal
+    counts = stream_counts(queries, candidates, true_index, block_size=block_size, device=device)
+    return counts.above, counts.equal

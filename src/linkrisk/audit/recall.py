@@ -96,21 +96,86 @@ def normalised_rank(above: np.ndarray, equal: np.ndarray, n_candidates: int, tie
     return (above + offset) / (n_candidates - 1)
 
 
-def reciprocal_rank(above: np.ndarray, equal: np.ndarray) -> np.ndarray:
-    """Expected reciprocal rank in the full pool under random ties: ``mean_{r=0..e} 1 / (1 + a + r)``."""
+# Share of tied others ranked above the true candidate in the expected rank, per tie rule.
+_TIE_SHARE = {"random": 0.5, "optimistic": 0.0, "pessimistic": 1.0}
+
+
+def reciprocal_rank(above: np.ndarray, equal: np.ndarray, ties: str = "random") -> np.ndarray:
+    """Expected reciprocal rank in the full pool.
+
+    Under ``random`` ties it is ``mean_{r=0..e} 1 / (1 + a + r)``; under
+    ``optimistic`` ``1 / (1 + a)``; under ``pessimistic`` ``1 / (1 + a + e)``.
+    """
+    if ties not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
     above = np.asarray(above, dtype=np.float64)
     equal = np.asarray(equal, dtype=np.float64)
+    if ties == "optimistic":
+        return 1.0 / (1.0 + above)
+    if ties == "pessimistic":
+        return 1.0 / (1.0 + above + equal)
     # sum_{r=0..e} 1/(a+1+r) = digamma(a+e+2) - digamma(a+1)
     return (digamma(above + equal + 2) - digamma(above + 1)) / (equal + 1)
 
 
-def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 2000, seed: int = 0,
+# Resamples drawn per chunk, bounding memory at about 8 * chunk * groups bytes.
+_BOOT_CHUNK = 100
+
+
+def bootstrap_means(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0) -> np.ndarray:
+    """Means of several per-query figures under one shared set of patient (cluster) resamples.
+
+    Each resample draws ``G`` groups with replacement from the ``G``
+    present; its statistic is the mean over all queries of the drawn
+    groups (a group drawn twice counts twice). All figures see the same
+    resamples, so differences between them are resampled consistently.
+
+    Args:
+        values: ``[F, Q]`` (or ``[Q]``) per-query values.
+        groups: ``[Q]`` cluster labels (patient ids).
+        n_boot: number of resamples.
+        seed: seed of the resampling.
+
+    Returns:
+        float64 ``[F, n_boot]`` (or ``[n_boot]``) resampled means.
+    """
+    if n_boot < 1:
+        raise ConfigError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
+    values = np.asarray(values, dtype=np.float64)
+    single = values.ndim == 1
+    values = np.atleast_2d(values)
+    groups = np.asarray(groups)
+    if len(groups) != values.shape[1]:
+        raise InputError(f"{values.shape[1]} values but {len(groups)} group labels")
+    _, group_index = np.unique(groups, return_inverse=True)
+    group_index = group_index.reshape(-1)
+    n_groups = int(group_index.max()) + 1
+    group_sums = np.stack([np.bincount(group_index, weights=row, minlength=n_groups) for row in values], axis=1)
+    group_sizes = np.bincount(group_index, minlength=n_groups).astype(np.float64)
+
+    rng = np.random.default_rng(seed)
+    stats = np.empty((len(values), n_boot))
+    for start in range(0, n_boot, _BOOT_CHUNK):
+        size = min(_BOOT_CHUNK, n_boot - start)
+        drawn = rng.integers(0, n_groups, size=(size, n_groups))
+        times = np.bincount((drawn + n_groups * np.arange(size)[:, None]).ravel(),
+                            minlength=size * n_groups).reshape(size, n_groups).astype(np.float64)
+        stats[:, start:start + size] = ((times @ group_sums) / (times @ group_sizes)[:, None]).T
+    return stats[0] if single else stats
+
+
+def percentile_interval(stats: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """Percentile interval of resampled statistics along the last axis: ``[..., 2]`` (low, high)."""
+    tail = (1.0 - level) / 2.0 * 100.0
+    return np.moveaxis(np.percentile(stats, [tail, 100.0 - tail], axis=-1), 0, -1)
+
+
+def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
                          level: float = 0.95) -> tuple[float, float]:
     """Percentile interval of the mean of ``values`` resampling whole groups (patients) with replacement.
 
-    Each resample draws ``G`` groups from the ``G`` present; its statistic is
-    the mean over all queries of the drawn groups. Returns ``(nan, nan)``
-    with a warning when there are no values.
+    See :func:`bootstrap_means`. Returns ``(nan, nan)`` with a warning when
+    there are no values.
     """
     if n_boot < 1:
         raise ConfigError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
@@ -118,15 +183,7 @@ def cluster_bootstrap_ci(values: np.ndarray, groups: np.ndarray, n_boot: int = 2
     if len(values) == 0:
         warnings.warn("bootstrap interval of an empty set is undefined; returning NaN", RuntimeWarning, stacklevel=2)
         return float("nan"), float("nan")
-    _, group_index = np.unique(np.asarray(groups), return_inverse=True)
-    group_sums = np.bincount(group_index, weights=values)
-    group_sizes = np.bincount(group_index).astype(np.float64)
-    n_groups = len(group_sums)
-    rng = np.random.default_rng(seed)
-    draws = rng.multinomial(n_groups, np.full(n_groups, 1.0 / n_groups), size=n_boot)
-    stats = (draws @ group_sums) / (draws @ group_sizes)
-    tail = (1.0 - level) / 2.0 * 100.0
-    low, high = np.percentile(stats, [tail, 100.0 - tail])
+    low, high = percentile_interval(bootstrap_means(values, groups, n_boot, seed), level)
     return float(low), float(high)
 
 
@@ -149,58 +206,71 @@ def resolve_pools(pools: list[int | str], n_candidates: int) -> list[tuple[int |
 
 def audit_counts(above: np.ndarray, equal: np.ndarray, n_candidates: int, patient_ids: np.ndarray,
                  pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
-                 n_boot: int = 2000, seed: int = 0) -> dict:
+                 n_boot: int = 1000, seed: int = 0, ties: str = "random") -> dict:
     """Summarise rank counts into Recall@K per pool, with lift and patient-bootstrap intervals.
 
     Pools smaller than the candidate set are reported by size, the whole
     set as ``"full"``; K values not smaller than N are left out (Recall is 1
-    there by definition). Every entry carries the ``random`` value and
-    its optimistic and pessimistic tie bounds.
+    there by definition). ``value`` and its interval follow the tie rule
+    ``ties``; every entry also carries the value under each of the three
+    rules (``random``, ``optimistic``, ``pessimistic``). All intervals share
+    one set of patient resamples.
     """
+    if ties not in TIE_RULES:
+        raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
     above, equal = _check_counts(above, equal, n_candidates)
-    recall = []
+    entries, per_query = [], []
     for label, pool_size in resolve_pools(list(pools), n_candidates):
         for k in ks:
             if k >= pool_size:
                 continue
-            per_query = expected_recall_at_k(above, equal, n_candidates, pool_size, k)
-            value = float(per_query.mean()) if len(per_query) else float("nan")
-            low, high = cluster_bootstrap_ci(per_query, patient_ids, n_boot=n_boot, seed=seed)
-            chance = k / pool_size
-            recall.append({
-                "pool": label, "k": int(k), "value": value, "ci95": [low, high], "chance": chance,
-                "lift": value / chance, "lift_ci95": [low / chance, high / chance],
-                "optimistic": float(expected_recall_at_k(above, equal, n_candidates, pool_size, k, "optimistic").mean()),
-                "pessimistic": float(expected_recall_at_k(above, equal, n_candidates, pool_size, k, "pessimistic").mean()),
-            })
+            by_rule = {rule: expected_recall_at_k(above, equal, n_candidates, pool_size, k, rule) for rule in TIE_RULES}
+            per_query.append(by_rule[ties])
+            entries.append({"pool": label, "k": int(k), "chance": k / pool_size,
+                            **{rule: float(v.mean()) if len(v) else float("nan") for rule, v in by_rule.items()}})
+    ranks = normalised_rank(above, equal, n_candidates, ties)
+    rr = reciprocal_rank(above, equal, ties)
+    per_query += [ranks, rr]
+    if len(above):
+        intervals = percentile_interval(bootstrap_means(np.stack(per_query), patient_ids, n_boot, seed))
+    else:
+        warnings.warn("no queries: every figure is undefined; returning NaN", RuntimeWarning, stacklevel=2)
+        intervals = np.full((len(per_query), 2), np.nan)
 
-    ranks = normalised_rank(above, equal, n_candidates)
-    rank_ci = cluster_bootstrap_ci(ranks, patient_ids, n_boot=n_boot, seed=seed)
-    rr = reciprocal_rank(above, equal)
+    recall = []
+    for entry, (low, high) in zip(entries, intervals):
+        value, chance = entry[ties], entry["chance"]
+        recall.append({"pool": entry["pool"], "k": entry["k"], "value": value, "ci95": [float(low), float(high)],
+                       "chance": chance, "lift": value / chance, "lift_ci95": [low / chance, high / chance],
+                       "random": entry["random"], "optimistic": entry["optimistic"],
+                       "pessimistic": entry["pessimistic"]})
     return {
         "n_queries": int(len(above)),
         "n_candidates": int(n_candidates),
         "queries_with_ties": int((equal > 0).sum()),
+        "tie_rule": ties,
         "recall": recall,
         "full_pool": {
             "mean_normalised_rank": float(ranks.mean()) if len(ranks) else float("nan"),
-            "mean_normalised_rank_ci95": list(rank_ci),
-            "median_rank": float(np.median(1 + above + equal / 2.0)) if len(above) else float("nan"),
+            "mean_normalised_rank_ci95": [float(v) for v in intervals[-2]],
+            "median_rank": float(np.median(1 + above + equal * _TIE_SHARE[ties])) if len(above) else float("nan"),
+            "mean_rank": float((1 + above + equal * _TIE_SHARE[ties]).mean()) if len(above) else float("nan"),
             "mean_reciprocal_rank": float(rr.mean()) if len(rr) else float("nan"),
+            "mean_reciprocal_rank_ci95": [float(v) for v in intervals[-1]],
         },
     }
 
 
 def audit_embeddings(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray, patient_ids: np.ndarray,
                      pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
-                     n_boot: int = 2000, seed: int = 0, block_size: int | None = None) -> dict:
+                     n_boot: int = 1000, seed: int = 0, block_size: int | None = None) -> dict:
     """Image-to-report audit of L2-normalised embeddings; see :func:`audit_counts` for the output."""
     above, equal = rank_counts(image_emb, report_emb, report_row, block_size=block_size)
     return audit_counts(above, equal, len(report_emb), patient_ids, pools, ks, n_boot, seed)
 
 
 def recall_curve(above: np.ndarray, equal: np.ndarray, n_candidates: int, patient_ids: np.ndarray, k: int = 1,
-                 n_points: int = 24, n_boot: int = 500, seed: int = 0) -> list[dict]:
+                 n_points: int = 24, n_boot: int = 1000, seed: int = 0) -> list[dict]:
     """Expected Recall@K at log-spaced pool sizes from ``max(K + 1, 2)`` to ``M``, for plots.
 
     Returns a list of ``{pool, value, ci95, chance}`` with integer ``pool`` (the last is ``M``).
@@ -209,10 +279,7 @@ def recall_curve(above: np.ndarray, equal: np.ndarray, n_candidates: int, patien
     if n_candidates < low_end:
         return []
     sizes = np.unique(np.geomspace(low_end, n_candidates, n_points).round().astype(int))
-    curve = []
-    for size in sizes:
-        per_query = expected_recall_at_k(above, equal, n_candidates, int(size), k)
-        curve.append({"pool": int(size), "value": float(per_query.mean()),
-                      "ci95": list(cluster_bootstrap_ci(per_query, patient_ids, n_boot=n_boot, seed=seed)),
-                      "chance": k / float(size)})
-    return curve
+    per_query = np.stack([expected_recall_at_k(above, equal, n_candidates, int(size), k) for size in sizes])
+    intervals = percentile_interval(bootstrap_means(per_query, patient_ids, n_boot, seed))
+    return [{"pool": int(size), "value": float(values.mean()), "ci95": [float(low), float(high)],
+             "chance": k / float(size)} for size, values, (low, high) in zip(sizes, per_query, intervals)]
