@@ -29,11 +29,15 @@ def test_results_schema(demo_run):
     out, _ = demo_run
     results = json.loads((out / "results.json").read_text())
     assert results["schema_version"] == "1.0"
-    assert len(results["runs"]) == 12
-    kinds = {(r["cohort"], r["heads"], r["negatives"]) for r in results["runs"]}
-    assert len(kinds) == 12
+    assert len(results["runs"]) == 18
+    kinds = {(r["cohort"], r["heads"], r["negatives"], r["direction"], r["level"], r["image_level"])
+             for r in results["runs"]}
+    assert len(kinds) == 18
+    extra = {(r["direction"], r["level"], r["image_level"]) for r in results["runs"] if r.get("view") == "extra"}
+    assert extra == {("report_to_image", "study", "image"), ("image_to_report", "patient", "image"),
+                     ("image_to_report", "study", "study_mean")}
     for run in results["runs"]:
-        assert run["direction"] == "image_to_report"
+        assert run["direction"] in ("image_to_report", "report_to_image")
         assert run["negatives"] in ("random", "label_matched")
         assert run["heads"] in ("original", "dp")
         assert run["n_queries"] > 0
@@ -65,7 +69,7 @@ def test_embeddings_reproduce_full_pool_recall(demo_run):
     """Recall@K in the full pool recomputed by argsort from the saved files, random ties by enumeration."""
     out, results = demo_run
     for run in results["runs"]:
-        if run["negatives"] != "random":
+        if run["negatives"] != "random" or run.get("view") == "extra":
             continue
         folder = out / run["embeddings"]
         image = np.load(folder / "image.npy")
@@ -201,7 +205,7 @@ def test_label_matched_runs_reproduce_from_saved_files(demo_run):
 def test_assignment_attack_in_results(demo_run):
     _, results = demo_run
     for run in results["runs"]:
-        if run["negatives"] != "random":
+        if run["negatives"] != "random" or run.get("view") == "extra":
             continue
         sizes = [entry["batch_size"] for entry in run["assignment"]]
         reports_with_images = {"covid_test": 64, "covid_train": 226, "openi": 40}[run["cohort"]]
@@ -217,7 +221,7 @@ def test_assignment_attack_in_results(demo_run):
 def test_risk_table_written_per_run(demo_run):
     out, results = demo_run
     for run in results["runs"]:
-        if run["negatives"] != "random":
+        if run["negatives"] != "random" or run.get("view") == "extra":
             continue
         risk = pd.read_parquet(out / run["embeddings"] / "risk.parquet")
         assert len(risk) == run["n_queries"]

@@ -81,7 +81,7 @@ def demo(
     image_encoder: Annotated[str, typer.Option(help="Frozen image encoder: randconv or histdct.")] = "randconv",
     text_weights: Annotated[Optional[Path], typer.Option(help="Folder with WordLlama weights/ and tokenizers/ (default: the installed wordllama package).")] = None,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed for the split, head fitting, public DP choices and bootstraps (DP noise: see --dp-noise-seed).")] = 0,
-    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
+    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 1000,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
 ) -> None:
     """Train, audit, mitigate with DP, re-audit and probe on the real COVID-19 and Open-i cohorts."""
@@ -104,41 +104,103 @@ def demo(
         _fail_io(err)
 
 
-@app.command()
-def audit(
-    embeddings: Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet.")],
-    pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
-    ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
-    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 2000,
-    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Bootstrap seed.")] = 0,
-    negatives: Annotated[str, typer.Option(help="Pool negatives: random (uniform) or label-matched (same label vector as the true report; needs reports.parquet).")] = "random",
-    label_policy: Annotated[str, typer.Option(help="With label-matched: uncertain and blank labels as zeros, ones (uncertain only), or ignore.")] = "zeros",
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
-) -> None:
-    """Audit saved embeddings: image-to-report Recall@K with lift and patient-bootstrap intervals."""
-    _setup_logging(quiet=True)
-    from linkrisk.audit.embeddings import audit_folder
-    from linkrisk._io import write_json
+def _choice(value: str, valid: tuple[str, ...], option: str) -> str:
+    """Accept hyphens or underscores; return the underscore spelling or fail naming the valid values."""
+    normal = value.strip().lower().replace("-", "_")
+    if normal not in valid:
+        raise ConfigError(f"invalid {option} {value!r}; valid values: {', '.join(v.replace('_', '-') for v in valid)}")
+    return normal
+
+
+def _device(text: str) -> str:
+    import torch
 
     try:
-        result = audit_folder(embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
-                              negatives=negatives, label_policy=label_policy)
+        device = torch.device(text)
+    except (RuntimeError, ValueError) as err:
+        raise ConfigError(f"invalid --device {text!r} ({err}); use cpu, cuda or cuda:0") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {text}: no CUDA device is available here; use cpu")
+    if device.type not in ("cpu", "cuda", "mps"):
+        raise ConfigError(f"--device {text}: unsupported device type {device.type!r}; use cpu or cuda")
+    return str(device)
+
+
+def _print_audit(result: dict) -> None:
+    console = Console()
+    console.print(f"{result['direction'].replace('_', ' ')}, {result['level']} level, {result['image_level']} "
+                  f"images, {result['negatives'].replace('_', '-')} negatives: {result['n_queries']} queries, "
+                  f"{result['n_candidates']} candidates ({result['candidate_unit']}), "
+                  f"{result['queries_with_ties']} with ties; values use {result['tie_rule']} ties")
+    if result.get("n_merged_candidates"):
+        console.print(f"  {result['n_merged_candidates']} report rows merged into an identical text")
+    for entry in result["recall"]:
+        line = (f"  N={entry['pool']!s:>5} K={entry['k']:>3}  Recall {entry['value']:.4f} "
+                f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
+                f"lift {entry['lift']:.2f}")
+        if result["queries_with_ties"] and "optimistic" in entry:
+            line += f"  ties: {entry['pessimistic']:.4f}..{entry['optimistic']:.4f}"
+        if "fallback_share" in entry and entry["fallback_share"]:
+            line += f"  nearest-label fill {entry['fallback_share']:.0%} (distance <= {entry['max_label_distance']})"
+        elif "full_pool_share" in entry and entry["pool"] != "full":
+            line += f"  full pools {entry['full_pool_share']:.0%}"
+        console.print(line)
+    if "full_pool" in result:
+        full = result["full_pool"]
+        console.print(f"  full pool: mean normalised rank {full['mean_normalised_rank']:.4f} (chance 0.5), "
+                      f"median rank {full['median_rank']:.1f}, MRR {full['mean_reciprocal_rank']:.4f}")
+    else:
+        console.print(f"  label policy {result['label_policy']}; {result['n_queries_without_labels']} queries and "
+                      f"{result['n_candidates_without_labels']} candidates without labels left out")
+    for entry in result.get("monte_carlo", []):
+        console.print(f"  Monte Carlo N={entry['pool']!s:>5} K={entry['k']:>3}  {entry['value']:.4f} "
+                      f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}] over {entry['n_pools']} pools per query; "
+                      f"closed form {entry['closed_form']:.4f}")
+
+
+@app.command()
+def audit(
+    embeddings: Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet (and reports.parquet for labels).")],
+    pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
+    ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
+    direction: Annotated[str, typer.Option(help="image-to-report (an image looks for its report) or report-to-image.")] = "image-to-report",
+    level: Annotated[str, typer.Option(help="study (only the own study is a hit) or patient (any study of the same patient is a hit; pools of patients).")] = "study",
+    image_level: Annotated[str, typer.Option(help="image (each image on its own) or study-mean (mean embedding of a study's images).")] = "image",
+    merge_identical: Annotated[bool, typer.Option(help="Merge identical report texts into one candidate (image-to-report, study level).")] = False,
+    ties: Annotated[str, typer.Option(help="Tie rule for reported values: random, optimistic or pessimistic (all three are in the JSON).")] = "random",
+    negatives: Annotated[str, typer.Option(help="Pool negatives: random (uniform) or label-matched (same label vector as the true report; needs reports.parquet).")] = "random",
+    label_policy: Annotated[str, typer.Option(help="With label-matched: uncertain and blank labels as zeros, ones (uncertain only), or ignore.")] = "zeros",
+    fallback: Annotated[str, typer.Option(help="With label-matched: none (cap small groups) or nearest-label (fill pools by smallest label distance).")] = "none",
+    monte_carlo: Annotated[int, typer.Option(min=0, help="Also sample this many explicit pools per query and pool size (random negatives), beside the closed form; 0 turns it off.")] = 0,
+    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the bootstrap and Monte Carlo pools.")] = 0,
+    device: Annotated[str, typer.Option(help="Torch device for the score matmul: cpu, cuda, cuda:1, ...")] = "cpu",
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the audit as JSON here.")] = None,
+) -> None:
+    """Audit saved embeddings: Recall@K with lift and patient-bootstrap intervals."""
+    _setup_logging(quiet=True)
+    from linkrisk._io import write_json
+    from linkrisk.audit.design import DIRECTIONS, IMAGE_LEVELS, LEVELS
+    from linkrisk.audit.embeddings import audit_folder
+    from linkrisk.audit.negatives import LABEL_POLICIES
+    from linkrisk.audit.recall import TIE_RULES
+    from linkrisk.audit.run import NEGATIVES
+
+    try:
+        fallback_choice = _choice(fallback, ("none", "nearest_label"), "--fallback")
+        result = audit_folder(
+            embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
+            negatives=_choice(negatives, NEGATIVES, "--negatives"),
+            label_policy=_choice(label_policy, LABEL_POLICIES, "--label-policy"),
+            direction=_choice(direction, DIRECTIONS, "--direction"), level=_choice(level, LEVELS, "--level"),
+            image_level=_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
+            ties=_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
+            monte_carlo_pools=monte_carlo, device=_device(device))
     except LinkriskError as err:
         _fail(err)
     except (OSError, EOFError) as err:
         _fail_io(err)
-    console = Console()
-    console.print(f"{result['n_queries']} queries, {result['n_candidates']} candidates, "
-                  f"{result['queries_with_ties']} with ties")
-    for entry in result["recall"]:
-        console.print(f"  N={entry['pool']!s:>5} K={entry['k']:>3}  Recall {entry['value']:.4f} "
-                      f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
-                      f"lift {entry['lift']:.2f}")
-    if "full_pool" in result:
-        console.print(f"  mean normalised rank {result['full_pool']['mean_normalised_rank']:.4f} (chance 0.5)")
-    else:
-        console.print(f"  label policy {result['label_policy']}; {result['n_queries_without_labels']} queries and "
-                      f"{result['n_candidates_without_labels']} candidates without labels left out")
+    _print_audit(result)
     if json_out:
         try:
             write_json(json_out, result)

@@ -27,10 +27,11 @@ from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
 from linkrisk.audit.assignment import assignment_attack
-from linkrisk.audit.negatives import audit_label_matched
+from linkrisk.audit.design import AuditDesign, build_design
 from linkrisk.audit.ranks import rank_counts
+from linkrisk.audit.recall import recall_curve
 from linkrisk.audit.risk import record_risk, true_score_margin
-from linkrisk.audit.recall import audit_counts, recall_curve
+from linkrisk.audit.run import run_audit
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
 from linkrisk.mitigate import DPConfig, train_dp_heads
@@ -57,7 +58,7 @@ class DemoConfig:
     test_fraction: float = 0.25
     pools: tuple = (10, 100, 1000, "full")
     ks: tuple = (1, 5, 10)
-    n_boot: int = 2000
+    n_boot: int = 1000
     seed: int = 0
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
@@ -115,35 +116,49 @@ def _log_recall_at_1(run: dict, pools_kind: str) -> None:
     logger.info("audit %s / %s heads, %s pools: Recall@1 %s", run["cohort"], run["heads"], pools_kind, summary)
 
 
+# Other views audited on the held-out cohort, beside the main image-to-report, study-level, per-image audit.
+EXTRA_VIEWS = (
+    {"direction": "report_to_image", "level": "study", "image_level": "image"},
+    {"direction": "image_to_report", "level": "patient", "image_level": "image"},
+    {"direction": "image_to_report", "level": "study", "image_level": "study_mean"},
+)
+
+
 def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, config: DemoConfig) -> list[dict]:
     """Embed one cohort with one pair of heads, save the embeddings, and audit with uniform and label-matched pools."""
     image_emb, report_emb = heads.embed(features.image, features.report)
     folder = config.out_dir / "embeddings" / name / heads_name
     _save_embeddings(folder, features, image_emb, report_emb)
-    common = {"cohort": name, "heads": heads_name, "direction": "image_to_report", "level": "study",
-              "tie_rule": "random", "n_patients": int(len(np.unique(features.patient_ids))),
-              "embeddings": str(folder.relative_to(config.out_dir))}
+    common = {"cohort": name, "heads": heads_name, "embeddings": str(folder.relative_to(config.out_dir))}
+    options = {"pools": list(config.pools), "ks": list(config.ks), "n_boot": config.n_boot, "seed": config.seed}
+    has_labels = bool(features.cohort.label_names)
 
+    def design(**view) -> AuditDesign:
+        return build_design(image_emb, report_emb, features.report_row, features.patient_ids,
+                            image_ids=features.cohort.images["image_id"].to_numpy(),
+                            report_labels=features.cohort.label_matrix() if has_labels else None, **view)
+
+    main = design()
+    result = run_audit(main, **options)
     above, equal = rank_counts(image_emb, report_emb, features.report_row)
-    result = audit_counts(above, equal, len(report_emb), features.patient_ids, pools=list(config.pools),
-                          ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
     curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
-                         n_boot=min(config.n_boot, 500), seed=config.seed)
+                         n_boot=config.n_boot, seed=config.seed)
     risk = record_risk(features.cohort.images["image_id"].to_numpy(), features.patient_ids, above, equal,
                        len(report_emb), true_score_margin(image_emb, report_emb, features.report_row))
     atomic_write(folder / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
     assignment = assignment_attack(image_emb, report_emb, features.report_row, batch_sizes=[10, 100, 1000],
-                                   n_batches=100, n_boot=min(config.n_boot, 1000), seed=config.seed)
-    runs = [{**common, "negatives": "random", **result, "recall_at_1_curve": curve, "assignment": assignment}]
+                                   n_batches=100, n_boot=config.n_boot, seed=config.seed)
+    runs = [{**common, **result, "recall_at_1_curve": curve, "assignment": assignment}]
     _log_recall_at_1(runs[-1], "uniform")
 
-    if features.cohort.label_names:
+    if has_labels:
         # Pools of reports whose label vector equals the true report's, uncertain and blank counted as negative.
-        matched = audit_label_matched(image_emb, report_emb, features.report_row, features.patient_ids,
-                                      features.cohort.label_matrix(), "zeros", pools=list(config.pools),
-                                      ks=list(config.ks), n_boot=config.n_boot, seed=config.seed)
-        runs.append({**common, **matched})
+        runs.append({**common, **run_audit(main, **options, negatives="label_matched", label_policy="zeros")})
         _log_recall_at_1(runs[-1], "pathology-matched")
+    if name == "covid_test":
+        for view in EXTRA_VIEWS:
+            runs.append({**common, **run_audit(design(**view), **options), "view": "extra"})
+            _log_recall_at_1(runs[-1], f"{view['direction']}, {view['level']} level, {view['image_level']}")
     return runs
 
 
@@ -153,7 +168,7 @@ def _probe(name: str, heads_name: str, heads: DualHeads, train: Features, test: 
     labels = list(train.cohort.label_names)
     result = probe_macro_auroc(train_emb, train.cohort.label_matrix(train.cohort.images["report_id"]),
                                test_emb, test.cohort.label_matrix(test.cohort.images["report_id"]),
-                               test.patient_ids, labels, n_boot=min(config.n_boot, 1000), seed=config.seed)
+                               test.patient_ids, labels, n_boot=config.n_boot, seed=config.seed)
     return {"cohort": name, "heads": heads_name, "n_train_images": int(len(train_emb)),
             "n_test_images": int(len(test_emb)), **result}
 

@@ -7,10 +7,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from linkrisk.audit.recall import audit_counts
-from linkrisk.audit.ranks import rank_counts
 from linkrisk._logging import logger
-from linkrisk.audit.negatives import audit_label_matched
+from linkrisk.audit.design import build_design
+from linkrisk.audit.run import NEGATIVES, run_audit
 from linkrisk.errors import ConfigError, InputError
 
 
@@ -97,15 +96,32 @@ def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
     return array
 
 
-def load_report_labels(folder: Path, n_reports: int) -> np.ndarray:
-    """Read the label columns of ``reports.parquet`` as ``[n_reports, L]`` floats (1, 0, -1, NaN)."""
+# Columns of reports.parquet that are ids, not labels.
+REPORT_ID_COLUMNS = ("report_id", "patient_id")
+
+
+def load_reports_table(folder: Path, n_reports: int, required: bool) -> pd.DataFrame | None:
+    """Read ``reports.parquet`` (one row per ``report.npy`` row); None when absent and not ``required``."""
     path = Path(folder) / "reports.parquet"
+    if not path.is_file() and not required:
+        return None
     table = _read_parquet(path, "pathology-matched pools need the report labels saved beside the embeddings")
     if len(table) != n_reports:
         raise InputError(f"{path}: {len(table)} rows but report.npy has {n_reports}; both need one row per report")
-    columns = [c for c in table.columns if c != "report_id"]
+    return table
+
+
+def load_report_labels(folder: Path, n_reports: int) -> np.ndarray:
+    """Read the label columns of ``reports.parquet`` as ``[n_reports, L]`` floats (1, 0, -1, NaN)."""
+    path = Path(folder) / "reports.parquet"
+    table = load_reports_table(folder, n_reports, required=True)
+    return _label_columns(path, table)
+
+
+def _label_columns(path: Path, table: pd.DataFrame) -> np.ndarray:
+    columns = [c for c in table.columns if c not in REPORT_ID_COLUMNS]
     if not columns:
-        raise InputError(f"{path}: no label columns besides report_id")
+        raise InputError(f"{path}: no label columns besides {', '.join(REPORT_ID_COLUMNS)}")
     labels = table[columns].apply(pd.to_numeric, errors="coerce")
     bad = (labels.isna() & table[columns].notna()).to_numpy()
     if bad.any():
@@ -114,21 +130,31 @@ def load_report_labels(folder: Path, n_reports: int) -> np.ndarray:
     return labels.to_numpy(dtype=np.float64)
 
 
-def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 2000, seed: int = 0,
-                 negatives: str = "random", label_policy: str = "zeros") -> dict:
-    """Image-to-report audit of a saved embeddings folder.
+def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, seed: int = 0,
+                 negatives: str = "random", label_policy: str = "zeros", *, direction: str = "image_to_report",
+                 level: str = "study", image_level: str = "image", merge_identical: bool = False,
+                 ties: str = "random", fallback: str | None = None, monte_carlo_pools: int = 0,
+                 device: str = "cpu") -> dict:
+    """Audit a saved embeddings folder; see :func:`~linkrisk.audit.run.run_audit` for the options and output.
 
-    ``negatives`` ``random`` gives the output of :func:`audit_counts`;
-    ``label-matched`` that of :func:`~linkrisk.audit.negatives.audit_label_matched`,
-    reading labels from ``reports.parquet``.
+    ``negatives`` accepts ``label-matched`` as a spelling of
+    ``label_matched``. Labels and report patients come from
+    ``reports.parquet`` when present (required for label-matched pools).
     """
-    if negatives not in ("random", "label-matched"):
+    negatives = negatives.replace("-", "_")
+    if negatives not in NEGATIVES:
         raise ConfigError(f"unknown negatives {negatives!r}; valid values: random, label-matched")
     image, report, pairs = load_embeddings(folder)
-    patient_ids = pairs["patient_id"].astype(str).to_numpy()
-    if negatives == "label-matched":
-        labels = load_report_labels(folder, len(report))
-        return audit_label_matched(image, report, pairs["report_row"].to_numpy(), patient_ids, labels, label_policy,
-                                   pools, ks, n_boot=n_boot, seed=seed)
-    above, equal = rank_counts(image, report, pairs["report_row"].to_numpy())
-    return audit_counts(above, equal, len(report), patient_ids, pools, ks, n_boot=n_boot, seed=seed)
+    reports = load_reports_table(folder, len(report), required=negatives == "label_matched")
+    labels = report_patients = None
+    if reports is not None:
+        if "patient_id" in reports.columns:
+            report_patients = reports["patient_id"].to_numpy(dtype=object)
+        if negatives == "label_matched":
+            labels = _label_columns(Path(folder) / "reports.parquet", reports)
+    image_ids = pairs["image_id"].to_numpy() if "image_id" in pairs.columns else None
+    design = build_design(image, report, pairs["report_row"].to_numpy(), pairs["patient_id"].astype(str).to_numpy(),
+                          image_ids=image_ids, report_labels=labels, report_patients=report_patients,
+                          direction=direction, level=level, image_level=image_level, merge_identical=merge_identical)
+    return run_audit(design, pools, ks, n_boot, seed, ties=ties, negatives=negatives, label_policy=label_policy,
+                     fallback=fallback, monte_carlo_pools=monte_carlo_pools, device=device)

@@ -78,14 +78,16 @@ def render_html(results: dict) -> str:
                              autoescape=jinja2.select_autoescape(["html"]), undefined=jinja2.StrictUndefined)
     env.filters["pct"] = _pct
     env.filters["num"] = lambda v, digits=2: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
-    random_runs = [run for run in results["runs"] if run["negatives"] == "random"]
-    matched_runs = [run for run in results["runs"] if run["negatives"] == "label_matched"]
+    main = [run for run in results["runs"] if run.get("view") != "extra"]
+    random_runs = [run for run in main if run["negatives"] == "random"]
+    matched_runs = [run for run in main if run["negatives"] == "label_matched"]
+    extra_runs = [run for run in results["runs"] if run.get("view") == "extra"]
     cohorts = list(dict.fromkeys(run["cohort"] for run in random_runs))
     plots = {cohort: _recall_plot(random_runs, cohort) for cohort in cohorts}
     headlines = {(run["cohort"], run["heads"]): _headline(run) for run in random_runs}
     return env.get_template("report.html").render(
         results=results, random_runs=random_runs, matched_runs=matched_runs, cohorts=cohorts, plots=plots,
-        headlines=headlines,
+        headlines=headlines, extra_rows=[(run, _headline(run)) for run in extra_runs],
         cohort_titles=COHORT_TITLES, heads_titles=HEADS_TITLES, probe_titles=PROBE_TITLES,
     )
 

@@ -1,0 +1,203 @@
+"""Who queries whom: direction, hit level, image level and merged texts, from one set of paired embeddings.
+
+An audit design turns image and report embeddings plus their pairing
+into queries, candidates, candidate *units* and each query's true unit:
+
+- ``direction``: ``image_to_report`` (an image looks for its report) or
+  ``report_to_image`` (a report looks for its images).
+- ``level``: ``study`` (only the query's own study is a hit) or ``patient``
+  (any study of the same patient is a hit; the candidates of one patient
+  form one unit, which scores the best of its members, so pools are pools
+  of patients).
+- ``image_level``: ``image`` (every image on its own) or ``study_mean``
+  (the mean of a study's image embeddings, re-normalised, as one image).
+  For ``report_to_image`` at ``image`` level, a study's images form one
+  unit: the report finds its study when any of its images scores best.
+- ``merge_identical``: identical report texts become one candidate
+  (``image_to_report``, ``study`` level). Identical texts are recognised as
+  bitwise-identical report embedding rows, which identical texts always
+  produce; the output counts the merged rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from linkrisk.errors import ConfigError, InputError
+
+DIRECTIONS = ("image_to_report", "report_to_image")
+LEVELS = ("study", "patient")
+IMAGE_LEVELS = ("image", "study_mean")
+
+
+@dataclass
+class AuditDesign:
+    """Queries and candidate units for one audit.
+
+    Attributes:
+        queries: ``[Q, D]`` float32 query embeddings.
+        candidates: ``[M, D]`` float32 candidate embeddings.
+        true_unit: ``[Q]`` int, each query's true candidate unit.
+        candidate_unit: ``[M]`` int unit of each candidate, or None when every candidate is its own unit.
+        n_units: number of candidate units.
+        query_patients: ``[Q]`` patient of each query (the bootstrap's clusters).
+        query_ids: ``[Q]`` image ids (image queries) or report rows (report queries and study means).
+        unit_labels: ``[n_units, L]`` label values per unit, or None where units have no single label vector.
+        facts: what the design is, for the output.
+    """
+
+    queries: np.ndarray
+    candidates: np.ndarray
+    true_unit: np.ndarray
+    candidate_unit: np.ndarray | None
+    n_units: int
+    query_patients: np.ndarray
+    query_ids: np.ndarray
+    unit_labels: np.ndarray | None
+    facts: dict = field(default_factory=dict)
+
+
+def _check_choice(value: str, valid: tuple[str, ...], what: str) -> None:
+    if value not in valid:
+        raise ConfigError(f"unknown {what} {value!r}; valid values: {', '.join(valid)}")
+
+
+def _study_patients(report_row: np.ndarray, patient_ids: np.ndarray, n_reports: int,
+                    report_patients: np.ndarray | None) -> np.ndarray:
+    """Patient of every report row (object array; None where unknown), checked for conflicts."""
+    patients = np.full(n_reports, None, dtype=object)
+    if report_patients is not None:
+        known = pd.notna(report_patients)
+        patients[known] = np.asarray(report_patients, dtype=object)[known].astype(str)
+    table = pd.DataFrame({"row": report_row, "patient": patient_ids.astype(str)}).drop_duplicates()
+    shared = table["row"].duplicated(keep=False)
+    if shared.any():
+        row = int(table.loc[shared, "row"].iloc[0])
+        raise InputError(f"report row {row} is the true report of images from several patients "
+                         f"({', '.join(sorted(table.loc[table['row'] == row, 'patient']))[:200]}); "
+                         "a report belongs to one patient, so fix pairs.parquet")
+    rows, paired = table["row"].to_numpy(), table["patient"].to_numpy(dtype=object)
+    conflict = pd.notna(patients[rows]) & (patients[rows] != paired)
+    if conflict.any():
+        row = int(rows[conflict][0])
+        raise InputError(f"report row {row}: reports.parquet names patient {patients[row]} but its images belong to "
+                         f"{paired[conflict][0]}; make the two files agree")
+    patients[rows] = paired
+    return patients
+
+
+def _study_means(image: np.ndarray, study_index: np.ndarray, n_studies: int) -> np.ndarray:
+    sums = np.zeros((n_studies, image.shape[1]), dtype=np.float64)
+    np.add.at(sums, study_index, image.astype(np.float64))
+    norms = np.linalg.norm(sums, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise InputError(f"the image embeddings of study row {int(np.flatnonzero(norms[:, 0] == 0)[0])} cancel out; "
+                         "their mean has no direction, so audit at image level")
+    return (sums / norms).astype(np.float32)
+
+
+def _factorize(keys: np.ndarray) -> np.ndarray:
+    return pd.factorize(pd.Series(keys, dtype=object))[0].astype(np.int64)
+
+
+def _merged_labels(labels: np.ndarray | None, unit: np.ndarray, n_units: int) -> np.ndarray | None:
+    if labels is None:
+        return None
+    first = np.full(n_units, -1, dtype=np.int64)
+    first[unit[::-1]] = np.arange(len(unit))[::-1]
+    merged = labels[first]
+    differs = ~((labels == merged[unit]) | (np.isnan(labels) & np.isnan(merged[unit]))).all(axis=1)
+    if differs.any():
+        row = int(np.flatnonzero(differs)[0])
+        raise InputError(f"report rows {int(first[unit[row]])} and {row} have identical embeddings but different "
+                         "labels; merged texts need one label vector, so audit without merging")
+    return merged
+
+
+def build_design(image: np.ndarray, report: np.ndarray, report_row: np.ndarray, patient_ids: np.ndarray, *,
+                 image_ids: np.ndarray | None = None, report_labels: np.ndarray | None = None,
+                 report_patients: np.ndarray | None = None, direction: str = "image_to_report",
+                 level: str = "study", image_level: str = "image", merge_identical: bool = False) -> AuditDesign:
+    """Build queries and candidate units from paired embeddings.
+
+    Args:
+        image: ``[n_images, D]`` image embeddings; report: ``[n_reports, D]``.
+        report_row: ``[n_images]`` row of each image's true report (its study).
+        patient_ids: ``[n_images]`` patient of each image.
+        image_ids: ``[n_images]`` ids for the output (default: row numbers).
+        report_labels: ``[n_reports, L]`` label values, for pathology-matched pools.
+        report_patients: ``[n_reports]`` patient of each report where known
+            (reports without images); the images' patients fill the rest.
+        direction, level, image_level, merge_identical: see the module docstring.
+    """
+    _check_choice(direction, DIRECTIONS, "direction")
+    _check_choice(level, LEVELS, "level")
+    _check_choice(image_level, IMAGE_LEVELS, "image level")
+    if merge_identical and (direction != "image_to_report" or level != "study"):
+        raise ConfigError("merging identical report texts applies to report candidates at study level "
+                          "(direction image_to_report, level study)")
+    image = np.asarray(image, dtype=np.float32)
+    report = np.asarray(report, dtype=np.float32)
+    report_row = np.asarray(report_row, dtype=np.int64)
+    patient_ids = np.asarray(patient_ids).astype(str)
+    image_ids = np.arange(len(image)).astype(str) if image_ids is None else np.asarray(image_ids).astype(str)
+    labels = None if report_labels is None else np.asarray(report_labels, dtype=np.float64)
+    report_patient = _study_patients(report_row, patient_ids, len(report), report_patients)
+    studies, first_image, study_index = np.unique(report_row, return_index=True, return_inverse=True)
+    study_index = study_index.reshape(-1)
+    facts = {"direction": direction, "level": level, "image_level": image_level,
+             "merge_identical": bool(merge_identical), "n_images": int(len(image)), "n_studies": int(len(studies))}
+
+    if direction == "image_to_report":
+        if image_level == "image":
+            queries, true_row, query_patients, query_ids = image, report_row, patient_ids, image_ids
+        else:
+            queries = _study_means(image, study_index, len(studies))
+            true_row, query_patients, query_ids = studies, report_patient[studies].astype(str), studies.astype(str)
+        candidates = report
+        if level == "patient":
+            keys = np.array([p if p is not None else f"\0report row {r}" for r, p in enumerate(report_patient)],
+                            dtype=object)
+            unit = _factorize(keys)
+            return AuditDesign(queries, candidates, unit[true_row], unit, int(unit.max()) + 1, query_patients,
+                               query_ids, None, {**facts, "candidate_unit": "patient (best-scoring report)",
+                                                 "n_candidate_rows": int(len(report)), "n_merged_candidates": 0})
+        if merge_identical:
+            _, unit = np.unique(report, axis=0, return_inverse=True)
+            unit = unit.reshape(-1).astype(np.int64)
+            n_units = int(unit.max()) + 1
+            return AuditDesign(queries, candidates, unit[true_row], unit, n_units, query_patients, query_ids,
+                               _merged_labels(labels, unit, n_units),
+                               {**facts, "candidate_unit": "distinct report text", "n_candidate_rows": int(len(report)),
+                                "n_merged_candidates": int(len(report) - n_units)})
+        return AuditDesign(queries, candidates, true_row, None, len(report), query_patients, query_ids, labels,
+                           {**facts, "candidate_unit": "report", "n_candidate_rows": int(len(report)),
+                            "n_merged_candidates": 0})
+
+    # report_to_image: every report with images queries for them.
+    queries = report[studies]
+    query_patients = report_patient[studies].astype(str)
+    query_ids = studies.astype(str)
+    study_labels = None if labels is None else labels[studies]
+    if image_level == "study_mean":
+        candidates = _study_means(image, study_index, len(studies))
+        if level == "patient":
+            unit = _factorize(query_patients)
+            return AuditDesign(queries, candidates, unit, unit, int(unit.max()) + 1, query_patients, query_ids, None,
+                               {**facts, "candidate_unit": "patient (best-scoring study mean)",
+                                "n_candidate_rows": int(len(studies)), "n_merged_candidates": 0})
+        return AuditDesign(queries, candidates, np.arange(len(studies)), None, len(studies), query_patients,
+                           query_ids, study_labels, {**facts, "candidate_unit": "study (mean image embedding)",
+                                                     "n_candidate_rows": int(len(studies)), "n_merged_candidates": 0})
+    if level == "patient":
+        unit = _factorize(patient_ids)
+        return AuditDesign(queries, image, unit[first_image], unit, int(unit.max()) + 1, query_patients, query_ids, None,
+                           {**facts, "candidate_unit": "patient (best-scoring image)",
+                            "n_candidate_rows": int(len(image)), "n_merged_candidates": 0})
+    return AuditDesign(queries, image, np.arange(len(studies)), study_index.astype(np.int64), len(studies),
+                       query_patients, query_ids, study_labels,
+                       {**facts, "candidate_unit": "study (best-scoring image)", "n_candidate_rows": int(len(image)),
+                        "n_merged_candidates": 0})
