@@ -128,3 +128,26 @@ def test_fallback_recall_matches_enumeration(ties_case, pool_size, k):
     for rule in ("optimistic", "pessimistic"):
         bound = fallback_recall(ring_above, ring_equal, ring_size, pool_size, k, rule)[0][0]
         assert (bound >= recall[0] - 1e-12) if rule == "optimistic" else (bound <= recall[0] + 1e-12)
+
+
+def test_unlabelled_units_match_nothing_in_one_pass(openi):
+    """Counting with unlabelled units in place equals counting on the labelled subset alone."""
+    rng, candidates, queries = _integer_case(9, n_candidates=200, n_queries=60, dim=4)
+    labels = openi.label_matrix()[:200].copy()
+    labels[rng.random(200) < 0.2] = NAN  # reports without any label
+    pos, neg = label_bitmasks(labels, "zeros")
+    labelled = ~np.isnan(labels).all(axis=1)
+    true = rng.integers(0, 200, size=60)
+    together = stream_counts(queries, candidates, true, unit_positive=pos, unit_negative=neg, unit_labelled=labelled,
+                             rings=True, block_size=11)
+    new_row = np.cumsum(labelled) - 1
+    keep = labelled[true]
+    alone = stream_counts(queries[keep], candidates[labelled], new_row[true[keep]], unit_positive=pos[labelled],
+                          unit_negative=neg[labelled], rings=True, block_size=11)
+    width = alone.ring_size.shape[1]
+    for name in ("ring_above", "ring_equal", "ring_size"):
+        np.testing.assert_array_equal(getattr(together, name)[keep][:, :width], getattr(alone, name))
+        assert (getattr(together, name)[~keep] == 0).all()
+    reference = stream_counts(queries, candidates, true)
+    np.testing.assert_array_equal(together.above, reference.above)
+    np.testing.assert_array_equal(together.equal, reference.equal)

@@ -31,7 +31,7 @@ from linkrisk.audit.design import AuditDesign, build_design
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import recall_curve
 from linkrisk.audit.risk import record_risk, true_score_margin
-from linkrisk.audit.run import run_audit
+from linkrisk.audit.run import run_audit, run_audits
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
 from linkrisk.mitigate import DPConfig, train_dp_heads
@@ -139,7 +139,10 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
                             report_labels=features.cohort.label_matrix() if has_labels else None, **view)
 
     main = design()
-    result = run_audit(main, **options)
+    # Uniform and pathology-matched pools (uncertain and blank counted as negative) from one scoring pass.
+    audits = run_audits(main, **options, negatives=("random", "label_matched") if has_labels else ("random",),
+                        label_policy="zeros")
+    result = audits[0]
     above, equal = rank_counts(image_emb, report_emb, features.report_row)
     curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
                          n_boot=config.n_boot, seed=config.seed)
@@ -152,8 +155,7 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     _log_recall_at_1(runs[-1], "uniform")
 
     if has_labels:
-        # Pools of reports whose label vector equals the true report's, uncertain and blank counted as negative.
-        runs.append({**common, **run_audit(main, **options, negatives="label_matched", label_policy="zeros")})
+        runs.append({**common, **audits[1]})
         _log_recall_at_1(runs[-1], "pathology-matched")
     if name == "covid_test":
         for view in EXTRA_VIEWS:

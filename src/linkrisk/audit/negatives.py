@@ -35,7 +35,7 @@ import torch
 from scipy.special import gammaln
 from scipy.stats import hypergeom
 
-from linkrisk.audit.ranks import stream_counts
+from linkrisk.audit.ranks import RankCounts, stream_counts
 from linkrisk.audit.recall import TIE_RULES, bootstrap_means, expected_recall_at_k, percentile_interval, resolve_pools
 from linkrisk.errors import ConfigError, InputError
 
@@ -219,6 +219,35 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
                            "max": int(group_size.max())}}
 
 
+def summarise_matched(counts: RankCounts, unit_labelled: np.ndarray, true_unit: np.ndarray, patient_ids: np.ndarray,
+                      policy: str, pools: list[int | str], ks: list[int], n_boot: int, seed: int, ties: str = "random",
+                      fallback: str | None = None) -> dict:
+    """Pathology-matched summary from counts made with ``unit_labelled`` (see :func:`audit_label_matched`)."""
+    unit_labelled = np.asarray(unit_labelled, dtype=bool)
+    keep = unit_labelled[np.asarray(true_unit, dtype=np.int64)]
+    if not keep.any():
+        raise InputError("no query has a labelled true candidate, so pathology-matched pools are undefined")
+    n_labelled = int(unit_labelled.sum())
+    pools = [label for label, _ in resolve_pools(list(pools), n_labelled)]
+    rings = (counts.ring_above[keep], counts.ring_equal[keep], counts.ring_size[keep]) if fallback else None
+    result = audit_matched(counts.ring_above[keep, 0], counts.ring_equal[keep, 0], counts.ring_size[keep, 0],
+                           np.asarray(patient_ids)[keep], pools, ks, n_boot, seed, ties, rings)
+    return {**result, "label_policy": policy, "n_candidates": n_labelled,
+            "n_queries_without_labels": int((~keep).sum()),
+            "n_candidates_without_labels": int((~unit_labelled).sum()),
+            "queries_without_matched_negatives": int((counts.ring_size[keep, 0] < 2).sum())}
+
+
+def unit_label_masks(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(positive, negative, labelled)`` per unit; a unit is labelled when any observation is not blank."""
+    labels = np.asarray(labels, dtype=np.float64)
+    if labels.ndim != 2:
+        raise InputError(f"labels must be a 2-D array [units, observations], got shape {labels.shape}")
+    labelled = ~np.isnan(labels).all(axis=1) if labels.shape[1] else np.zeros(len(labels), bool)
+    positive, negative = label_bitmasks(labels, policy)
+    return positive, negative, labelled
+
+
 def audit_label_matched(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
                         patient_ids: np.ndarray, labels: np.ndarray, policy: str = "zeros",
                         pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
@@ -241,28 +270,13 @@ def audit_label_matched(queries: np.ndarray, candidates: np.ndarray, true_index:
     """
     if fallback not in FALLBACKS:
         raise ConfigError(f"unknown fallback {fallback!r}; valid values: none, nearest_label")
-    labels = np.asarray(labels, dtype=np.float64)
-    true_index = np.asarray(true_index, dtype=np.int64)
-    unit = np.arange(len(candidates)) if candidate_unit is None else np.asarray(candidate_unit, dtype=np.int64)
-    if labels.ndim != 2 or len(labels) != int(unit.max()) + 1:
-        raise InputError(f"{int(unit.max()) + 1} candidate units but labels of shape {labels.shape}")
-    labelled = ~np.isnan(labels).all(axis=1) if labels.shape[1] else np.zeros(len(labels), bool)
-    new_unit = np.cumsum(labelled) - 1
-    keep_query = labelled[true_index]
-    if not keep_query.any():
+    n_units = len(candidates) if candidate_unit is None else int(np.max(candidate_unit)) + 1
+    if np.ndim(labels) != 2 or len(labels) != n_units:
+        raise InputError(f"{n_units} candidate units but labels of shape {np.shape(labels)}")
+    positive, negative, labelled = unit_label_masks(labels, policy)
+    if not labelled[np.asarray(true_index, dtype=np.int64)].any():
         raise InputError("no query has a labelled true candidate, so pathology-matched pools are undefined")
-    keep_candidate = labelled[unit]
-
-    positive, negative = label_bitmasks(labels[labelled], policy)
-    counts = stream_counts(np.asarray(queries)[keep_query], np.asarray(candidates)[keep_candidate],
-                           new_unit[true_index[keep_query]], candidate_unit=new_unit[unit[keep_candidate]],
-                           unit_positive=positive, unit_negative=negative, rings=fallback is not None,
+    counts = stream_counts(queries, candidates, true_index, candidate_unit=candidate_unit, unit_positive=positive,
+                           unit_negative=negative, unit_labelled=labelled, rings=fallback is not None,
                            block_size=block_size, device=device)
-    pools = [label for label, _ in resolve_pools(list(pools), int(labelled.sum()))]
-    rings = (counts.ring_above, counts.ring_equal, counts.ring_size) if fallback else None
-    result = audit_matched(counts.ring_above[:, 0], counts.ring_equal[:, 0], counts.ring_size[:, 0],
-                           np.asarray(patient_ids)[keep_query], pools, ks, n_boot, seed, ties, rings)
-    return {**result, "label_policy": policy, "n_candidates": int(labelled.sum()),
-            "n_queries_without_labels": int((~keep_query).sum()),
-            "n_candidates_without_labels": int((~labelled).sum()),
-            "queries_without_matched_negatives": int((counts.ring_size[:, 0] < 2).sum())}
+    return summarise_matched(counts, labelled, true_index, patient_ids, policy, pools, ks, n_boot, seed, ties, fallback)

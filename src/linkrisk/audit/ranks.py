@@ -102,14 +102,19 @@ class _Layout:
 
 
 def _layout(candidates: np.ndarray, candidate_unit: np.ndarray, n_units: int, positive: np.ndarray | None,
-            negative: np.ndarray | None, device: str | torch.device) -> _Layout:
+            negative: np.ndarray | None, labelled: np.ndarray | None, device: str | torch.device) -> _Layout:
     if positive is not None:
         keys = np.stack([positive, negative], axis=1)
+        if labelled is not None:
+            keys[~labelled] = -1  # one group that matches nothing, itself included
         group_keys, unit_group = np.unique(keys, axis=0, return_inverse=True)
         unit_group = unit_group.reshape(-1)
         known = group_keys[:, 0] | group_keys[:, 1]
         distance = (_popcount(known)[:, None] - _popcount(group_keys[:, None, 0] & group_keys[None, :, 0])
                     - _popcount(group_keys[:, None, 1] & group_keys[None, :, 1]))
+        unknown = (group_keys == -1).all(axis=1)
+        distance[unknown, :] = -1
+        distance[:, unknown] = -1
     else:
         unit_group = np.zeros(n_units, dtype=np.int64)
         distance = None
@@ -157,7 +162,8 @@ def _segment_counts(mask: np.ndarray | torch.Tensor, starts: np.ndarray, segment
 
 def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray, *,
                   candidate_unit: np.ndarray | None = None, unit_positive: np.ndarray | None = None,
-                  unit_negative: np.ndarray | None = None, rings: bool = False, block_size: int | None = None,
+                  unit_negative: np.ndarray | None = None, unit_labelled: np.ndarray | None = None,
+                  rings: bool = False, block_size: int | None = None,
                   device: str | torch.device = "cpu", backend: str = "auto") -> RankCounts:
     """Count units scoring above and tying with each query's true unit, in one pass over score blocks.
 
@@ -171,6 +177,8 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
         unit_positive, unit_negative: ``[U]`` int64 label bitmasks per unit
             (:func:`~linkrisk.audit.negatives.label_bitmasks`); with them the
             counts are also split by label distance (``ring_*``).
+        unit_labelled: ``[U]`` bool; units marked False match no query
+            (their queries get empty rings). Default: every unit labelled.
         rings: count every label distance (for the nearest-label fallback);
             otherwise only distance 0, the pathology-matched group.
         block_size: queries scored per matmul. Default: as many as fit in
@@ -199,7 +207,8 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
         raise InputError(f"{n_units} candidate units but {len(unit_positive)}/{len(unit_negative)} label rows")
 
     layout = _layout(candidates, unit, n_units, np.asarray(unit_positive, np.int64) if labelled else None,
-                     np.asarray(unit_negative, np.int64) if labelled else None, device)
+                     np.asarray(unit_negative, np.int64) if labelled else None,
+                     None if unit_labelled is None else np.asarray(unit_labelled, dtype=bool), device)
     true_unit = layout.new_unit[true_index]
     true_group = layout.group_of_unit[true_unit]
     use_numpy = backend == "auto" and torch.device(device).type == "cpu"
@@ -208,7 +217,8 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
     group_ends = np.r_[layout.group_starts[1:], n_units]
     # Pathology-matched counts without rings: if every unit's vector is fully known, distance 0 is one group.
     whole_groups = labelled and not rings and bool(
-        (layout.distance > 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
+        (layout.distance != 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
+    self_match = layout.distance.diagonal() == 0 if labelled else None
     n_rings = (int(layout.distance.max()) + 1 if rings else 1) if labelled else 0
 
     if block_size is None:
@@ -248,6 +258,8 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
             continue
         if whole_groups:
             for group in np.unique(true_group[rows]):
+                if not self_match[group]:
+                    continue
                 inside = np.flatnonzero(true_group[rows] == group)
                 cols = slice(layout.group_starts[group], group_ends[group])
                 ring_above[rows[inside], 0] = _count_true(higher[inside][:, cols])
@@ -260,7 +272,7 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
             at_ring = distance == ring
             ring_above[rows, ring] = (by_group_above * at_ring).sum(1)
             ring_equal[rows, ring] = (by_group_equal * at_ring).sum(1)
-        ring_equal[rows, 0] -= 1
+        ring_equal[rows, 0] -= self_match[true_group[rows]]
 
     if not labelled:
         return RankCounts(above, equal, n_units)

@@ -69,9 +69,15 @@ def expected_recall_at_k(above: np.ndarray, equal: np.ndarray, n_candidates: int
         raise ConfigError(f"K must be at least 1, got {k}")
     above, equal = _check_counts(above, equal, n_candidates)
 
-    # F[y] = P(at most K-1 of y above-candidates are drawn), y = 0..M-1.
-    successes = np.arange(n_candidates)
-    cdf = hypergeom.cdf(k - 1, n_candidates - 1, successes, pool_size - 1)
+    return _apply_ties(_hit_cdf(n_candidates, pool_size, k), above, equal, ties)
+
+
+def _hit_cdf(n_candidates: int, pool_size: int, k: int) -> np.ndarray:
+    """``F[y]`` = P(at most K-1 of ``y`` above-candidates are drawn into the pool), ``y = 0..M-1``."""
+    return hypergeom.cdf(k - 1, n_candidates - 1, np.arange(n_candidates), pool_size - 1)
+
+
+def _apply_ties(cdf: np.ndarray, above: np.ndarray, equal: np.ndarray, ties: str) -> np.ndarray:
     if ties == "optimistic":
         return cdf[above]
     if ties == "pessimistic":
@@ -224,7 +230,8 @@ def audit_counts(above: np.ndarray, equal: np.ndarray, n_candidates: int, patien
         for k in ks:
             if k >= pool_size:
                 continue
-            by_rule = {rule: expected_recall_at_k(above, equal, n_candidates, pool_size, k, rule) for rule in TIE_RULES}
+            cdf = _hit_cdf(n_candidates, pool_size, k)
+            by_rule = {rule: _apply_ties(cdf, above, equal, rule) for rule in TIE_RULES}
             per_query.append(by_rule[ties])
             entries.append({"pool": label, "k": int(k), "chance": k / pool_size,
                             **{rule: float(v.mean()) if len(v) else float("nan") for rule, v in by_rule.items()}})

@@ -10,7 +10,7 @@ import torch
 from linkrisk._logging import logger
 from linkrisk.audit.design import AuditDesign
 from linkrisk.audit.montecarlo import monte_carlo_recall
-from linkrisk.audit.negatives import FALLBACKS, LABEL_POLICIES, audit_label_matched
+from linkrisk.audit.negatives import FALLBACKS, LABEL_POLICIES, summarise_matched, unit_label_masks
 from linkrisk.audit.ranks import stream_counts
 from linkrisk.audit.recall import (
     TIE_RULES,
@@ -20,16 +20,22 @@ from linkrisk.audit.recall import (
     percentile_interval,
     resolve_pools,
 )
-from linkrisk.errors import ConfigError
+from linkrisk.errors import ConfigError, InputError
 
 NEGATIVES = ("random", "label_matched")
 
 
 def run_audit(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
-              n_boot: int = 1000, seed: int = 0, *, ties: str = "random", negatives: str = "random",
-              label_policy: str = "zeros", fallback: str | None = None, monte_carlo_pools: int = 0,
-              block_size: int | None = None, device: str | torch.device = "cpu") -> dict:
-    """Audit one design.
+              n_boot: int = 1000, seed: int = 0, *, negatives: str = "random", **options) -> dict:
+    """Audit one design with one kind of negatives; see :func:`run_audits`."""
+    return run_audits(design, pools, ks, n_boot, seed, negatives=(negatives,), **options)[0]
+
+
+def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
+               n_boot: int = 1000, seed: int = 0, *, negatives: tuple[str, ...] = ("random",), ties: str = "random",
+               label_policy: str = "zeros", fallback: str | None = None, monte_carlo_pools: int = 0,
+               block_size: int | None = None, device: str | torch.device = "cpu") -> list[dict]:
+    """Audit one design from a single streaming pass, once per kind of negatives.
 
     Args:
         design: from :func:`~linkrisk.audit.design.build_design`.
@@ -37,8 +43,9 @@ def run_audit(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "ful
         ks: cut-offs ``K``.
         n_boot: patient-bootstrap resamples for every interval.
         seed: seed of the bootstrap and of the Monte Carlo pools.
+        negatives: kinds to report, from ``random`` (uniform pools) and
+            ``label_matched``; the scores are computed once for all.
         ties: tie rule of each ``value`` (all three are reported).
-        negatives: ``random`` (uniform pools) or ``label_matched``.
         label_policy: with ``label_matched``, one of ``LABEL_POLICIES``.
         fallback: with ``label_matched``, None or ``nearest_label``.
         monte_carlo_pools: with ``random`` negatives, sample this many
@@ -46,48 +53,58 @@ def run_audit(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "ful
             the closed form (0: off).
 
     Returns:
-        The design's facts plus the summary of
+        One dict per kind: the design's facts plus the summary of
         :func:`~linkrisk.audit.recall.audit_counts` or
-        :func:`~linkrisk.audit.negatives.audit_matched`, and a
+        :func:`~linkrisk.audit.negatives.summarise_matched`, and a
         ``monte_carlo`` list when requested.
     """
-    for value, valid, what in ((ties, TIE_RULES, "tie rule"), (negatives, NEGATIVES, "negatives"),
-                               (label_policy, LABEL_POLICIES, "label policy")):
+    negatives = tuple(negatives)
+    for value, valid, what in ((ties, TIE_RULES, "tie rule"), (label_policy, LABEL_POLICIES, "label policy"),
+                               *((kind, NEGATIVES, "negatives") for kind in negatives)):
         if value not in valid:
             raise ConfigError(f"unknown {what} {value!r}; valid values: {', '.join(valid)}")
+    if not negatives:
+        raise ConfigError("no kind of negatives requested; choose random and/or label_matched")
     if fallback not in FALLBACKS:
         raise ConfigError(f"unknown fallback {fallback!r}; valid values: none, nearest_label")
-    if fallback and negatives != "label_matched":
+    if fallback and "label_matched" not in negatives:
         raise ConfigError("the nearest-label fallback applies to label-matched negatives only")
     if monte_carlo_pools < 0:
         raise ConfigError(f"the number of Monte Carlo pools must be 0 (off) or more, got {monte_carlo_pools}")
-    if monte_carlo_pools and negatives != "random":
+    if monte_carlo_pools and "random" not in negatives:
         raise ConfigError("Monte Carlo pools sample uniform pools; use them with random negatives")
-
-    facts = {**design.facts, "n_patients": int(len(np.unique(design.query_patients)))}
-    started = time.perf_counter()
-    logger.info("audit started: %s, %s level, %d queries against %d candidate units, %s negatives",
-                design.facts["direction"], design.facts["level"], len(design.queries), design.n_units, negatives)
-    if negatives == "label_matched":
+    masks = (None, None, None)
+    if "label_matched" in negatives:
         if design.unit_labels is None:
             raise ConfigError(f"pathology-matched pools need one label vector per candidate unit; units of kind "
                               f"{design.facts['candidate_unit']!r} have none (use level study and labels in "
                               "reports.parquet)")
-        result = audit_label_matched(design.queries, design.candidates, design.true_unit, design.query_patients,
-                                     design.unit_labels, label_policy, pools, ks, n_boot, seed,
-                                     candidate_unit=design.candidate_unit, ties=ties, fallback=fallback,
-                                     block_size=block_size, device=device)
-        logger.info("audit finished in %.1f s", time.perf_counter() - started)
-        return {**facts, **result}
+        masks = unit_label_masks(design.unit_labels, label_policy)
+        if not masks[2][design.true_unit].any():
+            raise InputError("no query has a labelled true candidate, so pathology-matched pools are undefined")
 
+    facts = {**design.facts, "n_patients": int(len(np.unique(design.query_patients)))}
+    started = time.perf_counter()
+    logger.info("audit started: %s, %s level, %d queries against %d candidate units, negatives %s",
+                design.facts["direction"], design.facts["level"], len(design.queries), design.n_units,
+                ", ".join(negatives))
     counts = stream_counts(design.queries, design.candidates, design.true_unit, candidate_unit=design.candidate_unit,
-                           block_size=block_size, device=device)
-    result = {**facts, "negatives": "random", **audit_counts(counts.above, counts.equal, counts.n_candidates,
-                                                             design.query_patients, pools, ks, n_boot, seed, ties)}
-    if monte_carlo_pools:
-        result["monte_carlo"] = _monte_carlo(design, counts, pools, ks, n_boot, seed, monte_carlo_pools, device)
+                           unit_positive=masks[0], unit_negative=masks[1], unit_labelled=masks[2],
+                           rings=fallback is not None, block_size=block_size, device=device)
+    logger.info("rank counts finished in %.1f s", time.perf_counter() - started)
+    results = []
+    for kind in negatives:
+        if kind == "label_matched":
+            results.append({**facts, **summarise_matched(counts, masks[2], design.true_unit, design.query_patients,
+                                                         label_policy, pools, ks, n_boot, seed, ties, fallback)})
+            continue
+        result = {**facts, "negatives": "random", **audit_counts(counts.above, counts.equal, counts.n_candidates,
+                                                                 design.query_patients, pools, ks, n_boot, seed, ties)}
+        if monte_carlo_pools:
+            result["monte_carlo"] = _monte_carlo(design, counts, pools, ks, n_boot, seed, monte_carlo_pools, device)
+        results.append(result)
     logger.info("audit finished in %.1f s", time.perf_counter() - started)
-    return result
+    return results
 
 
 def _monte_carlo(design: AuditDesign, counts, pools, ks, n_boot: int, seed: int, n_pools: int, device) -> list[dict]:
