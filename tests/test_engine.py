@@ -151,3 +151,13 @@ def test_unlabelled_units_match_nothing_in_one_pass(openi):
     reference = stream_counts(queries, candidates, true)
     np.testing.assert_array_equal(together.above, reference.above)
     np.testing.assert_array_equal(together.equal, reference.equal)
+
+
+def test_first_identical_row_matches_brute_force():
+    from linkrisk.audit.ranks import first_identical_row
+
+    rng = np.random.default_rng(4)
+    rows = rng.integers(0, 3, size=(300, 2)).astype(np.float32)  # many exact repeats
+    first = first_identical_row(rows, chunk=17)
+    for i, row in enumerate(rows):
+        assert first[i] == next(j for j in range(len(rows)) if (rows[j] == row).all())

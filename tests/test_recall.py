@@ -183,3 +183,14 @@ def test_monte_carlo_agrees_on_real_embeddings(openi, cache_dir):
         sampled = hits.mean() / n_pools
         standard_error = math.sqrt(sampled * (1 - sampled) / (len(queries) * n_pools)) + 1e-9
         assert abs(sampled - closed) < 4 * standard_error + 1e-3, (pool_size, k, sampled, closed)
+
+
+@pytest.mark.parametrize("m, n, k", [(2, 2, 1), (50, 10, 1), (50, 50, 5), (3000, 1000, 10), (43793, 10000, 5),
+                                     (500, 400, 100)])
+def test_hit_cdf_matches_scipy(m, n, k):
+    from scipy.stats import hypergeom
+
+    from linkrisk.audit.recall import _hit_cdf
+
+    reference = hypergeom.cdf(k - 1, m - 1, np.arange(m), n - 1)
+    np.testing.assert_allclose(_hit_cdf(m, n, k), reference, rtol=1e-9, atol=1e-12)

@@ -26,22 +26,27 @@ _KEY_CHUNK = 64
 def sample_pools(rng: np.random.Generator, population: int, size: int, n_pools: int) -> np.ndarray:
     """Draw ``n_pools`` sets of ``size`` distinct indices from ``range(population)``: ``[n_pools, size]``.
 
-    Small sets are drawn with replacement and redrawn while a row repeats
-    an index (exact rejection sampling); large ones take the ``size``
+    Up to half the population, indices are drawn with replacement and every
+    repeat within a row is redrawn until the row is distinct; the procedure
+    commutes with any relabelling of the population, so each set of
+    ``size`` indices is equally likely. Larger sets take the ``size``
     smallest of uniform random keys.
     """
     if not 0 <= size <= population:
         raise ConfigError(f"cannot draw {size} distinct candidates from {population}")
     if size == population:
         return np.tile(np.arange(population), (n_pools, 1))
-    if size * size <= population:
+    if 2 * size <= population:
         pools = rng.integers(0, population, size=(n_pools, size))
-        while True:
-            ordered = np.sort(pools, axis=1)
-            repeated = (ordered[:, 1:] == ordered[:, :-1]).any(axis=1)
-            if not repeated.any():
-                return pools
-            pools[repeated] = rng.integers(0, population, size=(int(repeated.sum()), size))
+        while size > 1:
+            order = np.argsort(pools, axis=1, kind="stable")
+            ordered = np.take_along_axis(pools, order, axis=1)
+            repeat = ordered[:, 1:] == ordered[:, :-1]
+            if not repeat.any():
+                break
+            rows, cols = np.nonzero(repeat)
+            pools[rows, order[rows, cols + 1]] = rng.integers(0, population, size=len(rows))
+        return pools
     out = np.empty((n_pools, size), dtype=np.int64)
     for start in range(0, n_pools, _KEY_CHUNK):
         stop = min(start + _KEY_CHUNK, n_pools)
@@ -97,9 +102,13 @@ def monte_carlo_recall(queries: np.ndarray, candidates: np.ndarray, true_index: 
             row, true = scores[offset], true_index[q]
             others = np.delete(row, true)
             for p, size in enumerate(pool_sizes):
-                drawn = others[sample_pools(rng, n_units - 1, size - 1, n_pools)]
-                above = (drawn > row[true]).sum(1)
-                tied = (drawn == row[true]).sum(1)
+                if size == n_units:  # the whole set: every pool is the same, only tie orders vary
+                    above = np.full(n_pools, (others > row[true]).sum())
+                    tied = np.full(n_pools, (others == row[true]).sum())
+                else:
+                    drawn = others[sample_pools(rng, n_units - 1, size - 1, n_pools)]
+                    above = (drawn > row[true]).sum(1)
+                    tied = (drawn == row[true]).sum(1)
                 position = above + rng.integers(0, tied + 1)  # others ranked before the true unit
                 for j, k in enumerate(ks):
                     hits[p, j, q] = (position < k).mean()

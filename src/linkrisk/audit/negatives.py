@@ -32,11 +32,17 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from scipy.special import gammaln
 from scipy.stats import hypergeom
 
 from linkrisk.audit.ranks import RankCounts, stream_counts
-from linkrisk.audit.recall import TIE_RULES, bootstrap_means, expected_recall_at_k, percentile_interval, resolve_pools
+from linkrisk.audit.recall import (
+    TIE_RULES,
+    bootstrap_means,
+    expected_recall_at_k,
+    log_comb,
+    percentile_interval,
+    resolve_pools,
+)
 from linkrisk.errors import ConfigError, InputError
 
 LABEL_POLICIES = ("zeros", "ones", "ignore")
@@ -102,16 +108,6 @@ def capped_recall(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
     return recall, np.minimum(1.0, k / effective), effective
 
 
-def _log_comb(n: np.ndarray, k: np.ndarray) -> np.ndarray:
-    """``log C(n, k)``, ``-inf`` where ``k < 0`` or ``k > n``."""
-    n, k = np.asarray(n, dtype=np.float64), np.asarray(k, dtype=np.float64)
-    valid = (k >= 0) & (k <= n)
-    out = np.full(np.broadcast(n, k).shape, -np.inf)
-    n_b, k_b = np.broadcast_arrays(n, k)
-    out[valid] = gammaln(n_b[valid] + 1) - gammaln(k_b[valid] + 1) - gammaln(n_b[valid] - k_b[valid] + 1)
-    return out
-
-
 def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: np.ndarray, pool_size: int, k: int,
                     ties: str = "random") -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Expected Recall@K per query in pools of ``pool_size`` filled by label distance (nearest-label fallback).
@@ -156,12 +152,12 @@ def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: n
         recall = hypergeom.cdf(k - 1 - inner_above - inner_equal, ring_n, a_d + e_d, draws)
     else:
         recall = np.zeros(len(rows))
-        log_total = _log_comb(ring_n, draws)
+        log_total = log_comb(ring_n, draws)
         below = ring_n - a_d - e_d
         for x in range(k):
-            log_x = _log_comb(a_d, x)
+            log_x = log_comb(a_d, x)
             for y in range(int(min(e_d.max(initial=0), draws.max(initial=0))) + 1):
-                log_pmf = log_x + _log_comb(e_d, y) + _log_comb(below, draws - x - y) - log_total
+                log_pmf = log_x + log_comb(e_d, y) + log_comb(below, draws - x - y) - log_total
                 tied = inner_equal + y + 1
                 recall += np.exp(log_pmf) * np.clip(k - inner_above - x, 0, tied) / tied
     recall = np.where(effective <= k, 1.0, np.clip(recall, 0.0, 1.0))

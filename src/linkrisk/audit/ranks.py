@@ -82,6 +82,35 @@ def _as_index(values: np.ndarray, what: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
+def first_identical_row(rows: np.ndarray, chunk: int = 8192) -> np.ndarray:
+    """Index of the first row bitwise identical to each row of ``rows`` ``[M, D]``: ``[M]`` int64.
+
+    Rows are hashed (a wrapping int64 dot product of their bits with random
+    weights), and rows sharing a hash are compared exactly, so memory stays
+    at a few bytes per row.
+    """
+    rows = np.ascontiguousarray(rows)
+    bits = rows.view(np.int32) if rows.dtype.itemsize == 4 else rows.view(np.int64)
+    weights = np.random.default_rng(0).integers(-2**62, 2**62, size=bits.shape[1], dtype=np.int64)
+    hashes = np.empty(len(rows), dtype=np.int64)
+    with np.errstate(over="ignore"):
+        for start in range(0, len(rows), chunk):
+            hashes[start:start + chunk] = bits[start:start + chunk].astype(np.int64) @ weights
+    first = np.arange(len(rows), dtype=np.int64)
+    order = np.argsort(hashes, kind="stable")
+    boundaries = np.flatnonzero(np.diff(hashes[order]) != 0) + 1
+    for members in np.split(order, boundaries):
+        if len(members) < 2:
+            continue
+        remaining = list(members)
+        while remaining:
+            head, rest = remaining[0], np.array(remaining[1:], dtype=np.int64)
+            same = (rows[rest] == rows[head]).all(axis=1) if len(rest) else np.zeros(0, bool)
+            first[rest[same]] = head
+            remaining = list(rest[~same])
+    return first
+
+
 def _popcount(values: np.ndarray) -> np.ndarray:
     """Set bits of non-negative int64 values, elementwise."""
     as_bytes = np.ascontiguousarray(values, dtype=np.int64).view(np.uint8).reshape(*values.shape, 8)
@@ -126,20 +155,20 @@ def _layout(candidates: np.ndarray, candidate_unit: np.ndarray, n_units: int, po
 
     sorted_unit = new_unit[candidate_unit]
     column_order = np.argsort(sorted_unit, kind="stable")
-    sorted_candidates = candidates[column_order]
+    identity = bool((column_order == np.arange(len(column_order))).all())
+    sorted_candidates = candidates if identity else candidates[column_order]
     single = len(candidates) == n_units
     unit_starts = None if single else np.flatnonzero(np.r_[True, np.diff(sorted_unit[column_order]) != 0])
 
-    unique, first, inverse = np.unique(sorted_candidates, axis=0, return_index=True, return_inverse=True)
+    first = first_identical_row(sorted_candidates)
+    distinct = np.flatnonzero(first == np.arange(len(first)))
     expand = None
-    if len(unique) < len(sorted_candidates):
-        scored = sorted_candidates[np.sort(first)]
-        # Map every sorted candidate to its unique row, keeping the first occurrence order.
-        rank_of_unique = np.empty(len(unique), dtype=np.int64)
-        rank_of_unique[np.argsort(first, kind="stable")] = np.arange(len(unique))
-        expand = rank_of_unique[inverse.reshape(-1)]
-    else:
-        scored = sorted_candidates
+    scored = sorted_candidates
+    if len(distinct) < len(sorted_candidates):
+        scored = sorted_candidates[distinct]
+        position = np.empty(len(first), dtype=np.int64)
+        position[distinct] = np.arange(len(distinct))
+        expand = position[first]
     return _Layout(torch.as_tensor(np.ascontiguousarray(scored), device=device), expand, unit_starts, new_unit,
                    group_starts, group_of_unit, distance)
 
@@ -262,8 +291,8 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
                     continue
                 inside = np.flatnonzero(true_group[rows] == group)
                 cols = slice(layout.group_starts[group], group_ends[group])
-                ring_above[rows[inside], 0] = _count_true(higher[inside][:, cols])
-                ring_equal[rows[inside], 0] = _count_true(tied[inside][:, cols]) - 1
+                ring_above[rows[inside], 0] = _count_true(higher[inside, cols])
+                ring_equal[rows[inside], 0] = _count_true(tied[inside, cols]) - 1
             continue
         by_group_above = _segment_counts(higher, layout.group_starts, torch_group)
         by_group_equal = _segment_counts(tied, layout.group_starts, torch_group)
