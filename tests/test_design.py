@@ -139,7 +139,7 @@ def test_design_rejects_contradictions(real_pairing):
 
 def test_sample_pools_draw_distinct_uniform_indices():
     rng = np.random.default_rng(0)
-    for population, size in [(50, 3), (50, 30), (7, 7), (1000, 20)]:
+    for population, size in [(50, 3), (50, 30), (7, 7), (1000, 20), (100, 90)]:  # 100, 90: random keys
         pools = sample_pools(rng, population, size, 4000)
         assert pools.shape == (4000, size)
         assert all(len(set(row)) == size for row in pools[:500])

@@ -21,31 +21,33 @@ from linkrisk.errors import ConfigError, InputError
 
 # Pools sampled per chunk when drawing by random keys (memory: chunk * population * 8 bytes).
 _KEY_CHUNK = 64
+# Draw with replacement and redraw repeats while size**2 / population stays below this.
+_REDRAW_MAX_RATIO = 64
 
 
 def sample_pools(rng: np.random.Generator, population: int, size: int, n_pools: int) -> np.ndarray:
     """Draw ``n_pools`` sets of ``size`` distinct indices from ``range(population)``: ``[n_pools, size]``.
 
-    Up to half the population, indices are drawn with replacement and every
-    repeat within a row is redrawn until the row is distinct; the procedure
-    commutes with any relabelling of the population, so each set of
-    ``size`` indices is equally likely. Larger sets take the ``size``
-    smallest of uniform random keys.
+    Small sets (``size**2 <= 64 * population``, a few repeats per row) are
+    drawn with replacement, and every repeat within a row is redrawn until
+    the row is distinct. The procedure commutes with any relabelling of the
+    population, so each set of ``size`` indices is equally likely. Larger
+    sets take the ``size`` smallest of uniform random keys.
     """
     if not 0 <= size <= population:
         raise ConfigError(f"cannot draw {size} distinct candidates from {population}")
     if size == population:
         return np.tile(np.arange(population), (n_pools, 1))
-    if 2 * size <= population:
+    if size * size <= _REDRAW_MAX_RATIO * population:
         pools = rng.integers(0, population, size=(n_pools, size))
-        while size > 1:
-            order = np.argsort(pools, axis=1, kind="stable")
-            ordered = np.take_along_axis(pools, order, axis=1)
+        todo = np.arange(n_pools)
+        while size > 1 and len(todo):
+            order = np.argsort(pools[todo], axis=1, kind="stable")
+            ordered = np.take_along_axis(pools[todo], order, axis=1)
             repeat = ordered[:, 1:] == ordered[:, :-1]
-            if not repeat.any():
-                break
             rows, cols = np.nonzero(repeat)
-            pools[rows, order[rows, cols + 1]] = rng.integers(0, population, size=len(rows))
+            pools[todo[rows], order[rows, cols + 1]] = rng.integers(0, population, size=len(rows))
+            todo = todo[repeat.any(axis=1)]
         return pools
     out = np.empty((n_pools, size), dtype=np.int64)
     for start in range(0, n_pools, _KEY_CHUNK):

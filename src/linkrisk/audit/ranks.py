@@ -33,7 +33,7 @@ import torch
 from linkrisk.errors import InputError
 
 # Default working memory for one block of scores and its comparison masks.
-DEFAULT_BLOCK_BYTES = 256 * 2**20
+DEFAULT_BLOCK_BYTES = 128 * 2**20
 
 
 @dataclass
@@ -119,46 +119,52 @@ def _popcount(values: np.ndarray) -> np.ndarray:
 
 @dataclass
 class _Layout:
-    """Candidates sorted by (label group, unit) so units and groups are contiguous column ranges."""
+    """Candidates sorted by unit (units become contiguous column ranges), deduplicated, and unit label groups."""
 
-    scored: torch.Tensor          # unique candidate rows to score, [Mu, D]
-    expand: np.ndarray | None     # [M] column of each sorted candidate in ``scored``, None without duplicates
-    unit_starts: np.ndarray | None  # [U] first sorted column of each unit, None when units are single candidates
-    new_unit: np.ndarray          # [U] sorted position of each caller unit id
-    group_starts: np.ndarray      # [G] first unit of each label group
-    group_of_unit: np.ndarray     # [U] group of each sorted unit
-    distance: np.ndarray | None   # [G, G] label distance from group row to group column
+    scored: torch.Tensor            # distinct candidate rows to score, [Mu, D]
+    expand: np.ndarray | None       # [M] row of ``scored`` for each sorted candidate; None without duplicates
+    unit_starts: np.ndarray | None  # [U] first sorted column of each unit; None when units are single candidates
+    unit_group: np.ndarray          # [U] label group of each unit
+    group_order: np.ndarray         # [U] units sorted by group
+    group_starts: np.ndarray        # [G] first position of each group in ``group_order``
+    group_members: list             # G arrays (or slices) of the units in each group
+    distance: np.ndarray | None     # [G, G] label distance from the row group to the column group; -1: no match
+
+
+def _label_groups(n_units: int, positive: np.ndarray | None, negative: np.ndarray | None,
+                  labelled: np.ndarray | None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Group units by label state: ``(unit_group [U], distance [G, G])``."""
+    if positive is None:
+        return np.zeros(n_units, dtype=np.int64), None
+    keys = np.stack([positive, negative], axis=1)
+    if labelled is not None:
+        keys[~labelled] = -1  # one group that matches nothing, itself included
+    group_keys, unit_group = np.unique(keys, axis=0, return_inverse=True)
+    known = group_keys[:, 0] | group_keys[:, 1]
+    distance = (_popcount(known)[:, None] - _popcount(group_keys[:, None, 0] & group_keys[None, :, 0])
+                - _popcount(group_keys[:, None, 1] & group_keys[None, :, 1]))
+    unknown = (group_keys == -1).all(axis=1)
+    distance[unknown, :] = -1
+    distance[:, unknown] = -1
+    return unit_group.reshape(-1).astype(np.int64), distance
 
 
 def _layout(candidates: np.ndarray, candidate_unit: np.ndarray, n_units: int, positive: np.ndarray | None,
             negative: np.ndarray | None, labelled: np.ndarray | None, device: str | torch.device) -> _Layout:
-    if positive is not None:
-        keys = np.stack([positive, negative], axis=1)
-        if labelled is not None:
-            keys[~labelled] = -1  # one group that matches nothing, itself included
-        group_keys, unit_group = np.unique(keys, axis=0, return_inverse=True)
-        unit_group = unit_group.reshape(-1)
-        known = group_keys[:, 0] | group_keys[:, 1]
-        distance = (_popcount(known)[:, None] - _popcount(group_keys[:, None, 0] & group_keys[None, :, 0])
-                    - _popcount(group_keys[:, None, 1] & group_keys[None, :, 1]))
-        unknown = (group_keys == -1).all(axis=1)
-        distance[unknown, :] = -1
-        distance[:, unknown] = -1
-    else:
-        unit_group = np.zeros(n_units, dtype=np.int64)
-        distance = None
-    unit_order = np.argsort(unit_group, kind="stable")
-    new_unit = np.empty(n_units, dtype=np.int64)
-    new_unit[unit_order] = np.arange(n_units)
-    group_of_unit = unit_group[unit_order]
-    group_starts = np.flatnonzero(np.r_[True, group_of_unit[1:] != group_of_unit[:-1]])
+    unit_group, distance = _label_groups(n_units, positive, negative, labelled)
+    group_order = np.argsort(unit_group, kind="stable")
+    group_starts = np.flatnonzero(np.r_[True, np.diff(unit_group[group_order]) != 0])
+    group_members = []
+    for members in np.split(group_order, group_starts[1:]):
+        contiguous = len(members) and members[-1] - members[0] + 1 == len(members)
+        group_members.append(slice(int(members[0]), int(members[-1]) + 1) if contiguous else members)
 
-    sorted_unit = new_unit[candidate_unit]
-    column_order = np.argsort(sorted_unit, kind="stable")
+    # Candidates are copied only when units of several rows are not already contiguous.
+    single = len(candidates) == n_units
+    column_order = np.argsort(candidate_unit, kind="stable")
     identity = bool((column_order == np.arange(len(column_order))).all())
     sorted_candidates = candidates if identity else candidates[column_order]
-    single = len(candidates) == n_units
-    unit_starts = None if single else np.flatnonzero(np.r_[True, np.diff(sorted_unit[column_order]) != 0])
+    unit_starts = None if single else np.flatnonzero(np.r_[True, np.diff(candidate_unit[column_order]) != 0])
 
     first = first_identical_row(sorted_candidates)
     distinct = np.flatnonzero(first == np.arange(len(first)))
@@ -169,8 +175,8 @@ def _layout(candidates: np.ndarray, candidate_unit: np.ndarray, n_units: int, po
         position = np.empty(len(first), dtype=np.int64)
         position[distinct] = np.arange(len(distinct))
         expand = position[first]
-    return _Layout(torch.as_tensor(np.ascontiguousarray(scored), device=device), expand, unit_starts, new_unit,
-                   group_starts, group_of_unit, distance)
+    return _Layout(torch.as_tensor(np.ascontiguousarray(scored), device=device), expand, unit_starts, unit_group,
+                   group_order, group_starts, group_members, distance)
 
 
 def _count_true(mask: np.ndarray | torch.Tensor) -> np.ndarray:
@@ -179,13 +185,20 @@ def _count_true(mask: np.ndarray | torch.Tensor) -> np.ndarray:
     return mask.sum(1).cpu().numpy()
 
 
-def _segment_counts(mask: np.ndarray | torch.Tensor, starts: np.ndarray, segment_of_column: torch.Tensor | None,
-                    ) -> np.ndarray:
-    """Sum a ``[B, U]`` mask over contiguous column segments starting at ``starts``: ``[B, G]``."""
+def _submatrix(mask: np.ndarray | torch.Tensor, rows: np.ndarray, columns: np.ndarray | slice):
+    if isinstance(columns, slice):
+        return mask[rows, columns]
     if isinstance(mask, np.ndarray):
-        return np.add.reduceat(mask.view(np.int8), starts, axis=1, dtype=np.int64)
-    out = torch.zeros(mask.shape[0], len(starts), dtype=torch.int64, device=mask.device)
-    out.scatter_add_(1, segment_of_column.expand(mask.shape[0], -1), mask.to(torch.int64))
+        return mask[np.ix_(rows, columns)]
+    return mask[torch.as_tensor(rows, device=mask.device)][:, torch.as_tensor(columns, device=mask.device)]
+
+
+def _group_counts(mask: np.ndarray | torch.Tensor, layout: _Layout, unit_group: torch.Tensor | None) -> np.ndarray:
+    """Sum a ``[B, U]`` mask over the units of each label group: ``[B, G]``."""
+    if isinstance(mask, np.ndarray):
+        return np.add.reduceat(mask[:, layout.group_order].view(np.int8), layout.group_starts, axis=1, dtype=np.int64)
+    out = torch.zeros(mask.shape[0], len(layout.group_starts), dtype=torch.int64, device=mask.device)
+    out.scatter_add_(1, unit_group.expand(mask.shape[0], -1), mask.to(torch.int64))
     return out.cpu().numpy()
 
 
@@ -211,7 +224,7 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
         rings: count every label distance (for the nearest-label fallback);
             otherwise only distance 0, the pathology-matched group.
         block_size: queries scored per matmul. Default: as many as fit in
-            256 MiB of scores and masks.
+            128 MiB of scores and masks.
         device: torch device for the matmul (and the counting off CPU).
         backend: ``auto`` (NumPy on CPU, torch elsewhere) or ``torch``.
 
@@ -238,13 +251,12 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
     layout = _layout(candidates, unit, n_units, np.asarray(unit_positive, np.int64) if labelled else None,
                      np.asarray(unit_negative, np.int64) if labelled else None,
                      None if unit_labelled is None else np.asarray(unit_labelled, dtype=bool), device)
-    true_unit = layout.new_unit[true_index]
-    true_group = layout.group_of_unit[true_unit]
+    true_unit = true_index
+    true_group = layout.unit_group[true_unit]
     use_numpy = backend == "auto" and torch.device(device).type == "cpu"
-    # Sorting queries by true group keeps each block's matched columns in a few contiguous ranges.
+    # Sorting queries by true group keeps each block's matched columns to a few groups.
     query_order = np.argsort(true_group, kind="stable") if labelled else np.arange(len(queries))
-    group_ends = np.r_[layout.group_starts[1:], n_units]
-    # Pathology-matched counts without rings: if every unit's vector is fully known, distance 0 is one group.
+    # Pathology-matched counts without rings: when no group matches another, distance 0 is one group.
     whole_groups = labelled and not rings and bool(
         (layout.distance != 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
     self_match = layout.distance.diagonal() == 0 if labelled else None
@@ -255,7 +267,7 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
         block_size = max(1, DEFAULT_BLOCK_BYTES // row_bytes)
     torch_unit = None if layout.unit_starts is None else torch.as_tensor(
         np.repeat(np.arange(n_units), np.diff(np.r_[layout.unit_starts, len(candidates)])), device=device)
-    torch_group = torch.as_tensor(layout.group_of_unit, device=device).view(1, -1) if labelled else None
+    torch_group = torch.as_tensor(layout.unit_group, device=device).view(1, -1) if labelled else None
     expand_t = None if layout.expand is None else torch.as_tensor(layout.expand, device=device)
 
     above = np.empty(len(queries), dtype=np.int64)
@@ -290,12 +302,12 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
                 if not self_match[group]:
                     continue
                 inside = np.flatnonzero(true_group[rows] == group)
-                cols = slice(layout.group_starts[group], group_ends[group])
-                ring_above[rows[inside], 0] = _count_true(higher[inside, cols])
-                ring_equal[rows[inside], 0] = _count_true(tied[inside, cols]) - 1
+                members = layout.group_members[group]
+                ring_above[rows[inside], 0] = _count_true(_submatrix(higher, inside, members))
+                ring_equal[rows[inside], 0] = _count_true(_submatrix(tied, inside, members)) - 1
             continue
-        by_group_above = _segment_counts(higher, layout.group_starts, torch_group)
-        by_group_equal = _segment_counts(tied, layout.group_starts, torch_group)
+        by_group_above = _group_counts(higher, layout, torch_group)
+        by_group_equal = _group_counts(tied, layout, torch_group)
         distance = layout.distance[true_group[rows]]
         for ring in range(n_rings):
             at_ring = distance == ring
@@ -305,7 +317,7 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
 
     if not labelled:
         return RankCounts(above, equal, n_units)
-    group_sizes = np.diff(np.r_[layout.group_starts, n_units])
+    group_sizes = np.bincount(layout.unit_group, minlength=len(layout.group_starts))
     ring_size = np.zeros((len(queries), n_rings), dtype=np.int64)
     for ring in range(n_rings):
         ring_size[:, ring] = ((layout.distance[true_group] == ring) * group_sizes[None, :]).sum(1)
@@ -320,7 +332,7 @@ def rank_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
         queries: ``[Q, D]`` float embeddings (L2-normalised for cosine scores).
         candidates: ``[M, D]`` float embeddings.
         true_index: ``[Q]`` int, row of each query's true candidate.
-        block_size: queries scored per matmul (default: from a 256 MiB budget).
+        block_size: queries scored per matmul (default: from a 128 MiB budget).
         device: torch device for the matmul.
 
     Returns:
