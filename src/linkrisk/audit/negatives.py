@@ -115,7 +115,7 @@ def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: n
     Args:
         ring_above, ring_equal, ring_size: ``[Q, R]`` counts by label
             distance from :func:`~linkrisk.audit.ranks.stream_counts` (ring 0
-            holds the true candidate).
+            contains the true candidate).
         pool_size: ``N``; a query with fewer labelled candidates in all
             rings gets a pool of all of them.
 
@@ -218,7 +218,7 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
 def summarise_matched(counts: RankCounts, unit_labelled: np.ndarray, true_unit: np.ndarray, patient_ids: np.ndarray,
                       policy: str, pools: list[int | str], ks: list[int], n_boot: int, seed: int, ties: str = "random",
                       fallback: str | None = None) -> dict:
-    """Pathology-matched summary from counts made with ``unit_labelled`` (see :func:`audit_label_matched`)."""
+    """Summarise pathology-matched pools from counts made with ``unit_labelled`` (see :func:`audit_label_matched`)."""
     unit_labelled = np.asarray(unit_labelled, dtype=bool)
     keep = unit_labelled[np.asarray(true_unit, dtype=np.int64)]
     if not keep.any():
@@ -235,7 +235,7 @@ def summarise_matched(counts: RankCounts, unit_labelled: np.ndarray, true_unit: 
 
 
 def unit_label_masks(labels: np.ndarray, policy: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(positive, negative, labelled)`` per unit; a unit is labelled when any observation is not blank."""
+    """Encode unit labels as ``(positive, negative, labelled)``; a unit is labelled when any observation is not blank."""
     labels = np.asarray(labels, dtype=np.float64)
     if labels.ndim != 2:
         raise InputError(f"labels must be a 2-D array [units, observations], got shape {labels.shape}")

@@ -82,7 +82,7 @@ def _as_index(values: np.ndarray, what: str) -> np.ndarray:
     return values.astype(np.int64)
 
 
-def first_identical_row(rows: np.ndarray, chunk: int = 8192) -> np.ndarray:
+def first_identical_row(rows: np.ndarray, chunk: int = 2048) -> np.ndarray:
     """Index of the first row bitwise identical to each row of ``rows`` ``[M, D]``: ``[M]`` int64.
 
     Rows are hashed (a wrapping int64 dot product of their bits with random
