@@ -6,9 +6,9 @@ into queries, candidates, candidate *units* and each query's true unit:
 - ``direction``: ``image_to_report`` (an image looks for its report) or
   ``report_to_image`` (a report looks for its images).
 - ``level``: ``study`` (only the query's own study is a hit) or ``patient``
-  (any study of the same patient is a hit; the candidates of one patient
-  form one unit, which scores the best of its members, so pools are pools
-  of patients).
+  (any study of the same patient is a hit). At patient level the
+  candidates of one patient form one unit, which scores the best of its
+  members, so pools are pools of patients.
 - ``image_level``: ``image`` (every image on its own) or ``study_mean``
   (the mean of a study's image embeddings, re-normalised, as one image).
   For ``report_to_image`` at ``image`` level, a study's images form one
@@ -89,13 +89,15 @@ def _study_patients(report_row: np.ndarray, patient_ids: np.ndarray, n_reports: 
     return patients
 
 
-def _study_means(image: np.ndarray, study_index: np.ndarray, n_studies: int) -> np.ndarray:
-    sums = np.zeros((n_studies, image.shape[1]), dtype=np.float64)
+def _study_means(image: np.ndarray, study_index: np.ndarray, studies: np.ndarray) -> np.ndarray:
+    """Mean image embedding of each study, re-normalised: ``[len(studies), D]``."""
+    sums = np.zeros((len(studies), image.shape[1]), dtype=np.float64)
     np.add.at(sums, study_index, image.astype(np.float64))
     norms = np.linalg.norm(sums, axis=1, keepdims=True)
     if (norms == 0).any():
-        raise InputError(f"the image embeddings of study row {int(np.flatnonzero(norms[:, 0] == 0)[0])} cancel out; "
-                         "their mean has no direction, so audit at image level")
+        row = int(studies[np.flatnonzero(norms[:, 0] == 0)[0]])
+        raise InputError(f"the image embeddings of the study of report row {row} cancel out, so their mean has no "
+                         "direction; audit with --image-level image")
     return (sums / norms).astype(np.float32)
 
 
@@ -115,6 +117,23 @@ def _merged_labels(labels: np.ndarray | None, unit: np.ndarray, n_units: int) ->
         raise InputError(f"report rows {int(first[unit[row]])} and {row} have identical embeddings but different "
                          "labels; merged texts need one label vector, so audit without merging")
     return merged
+
+
+@dataclass
+class _Pairing:
+    """Checked arrays shared by both directions."""
+
+    image: np.ndarray           # [n_images, D]
+    report: np.ndarray          # [n_reports, D]
+    report_row: np.ndarray      # [n_images]
+    patient_ids: np.ndarray     # [n_images] str
+    image_ids: np.ndarray       # [n_images] str
+    labels: np.ndarray | None   # [n_reports, L]
+    report_patient: np.ndarray  # [n_reports] object, None where unknown
+    studies: np.ndarray         # [S] report rows that have images
+    first_image: np.ndarray     # [S] first image of each study
+    study_index: np.ndarray     # [n_images] study of each image
+    facts: dict
 
 
 def build_design(image: np.ndarray, report: np.ndarray, report_row: np.ndarray, patient_ids: np.ndarray, *,
@@ -139,65 +158,74 @@ def build_design(image: np.ndarray, report: np.ndarray, report_row: np.ndarray, 
     if merge_identical and (direction != "image_to_report" or level != "study"):
         raise ConfigError("merging identical report texts applies to report candidates at study level "
                           "(direction image_to_report, level study)")
-    image = np.asarray(image, dtype=np.float32)
-    report = np.asarray(report, dtype=np.float32)
+
     report_row = np.asarray(report_row, dtype=np.int64)
     patient_ids = np.asarray(patient_ids).astype(str)
-    image_ids = np.arange(len(image)).astype(str) if image_ids is None else np.asarray(image_ids).astype(str)
-    labels = None if report_labels is None else np.asarray(report_labels, dtype=np.float64)
-    report_patient = _study_patients(report_row, patient_ids, len(report), report_patients)
+    report = np.asarray(report, dtype=np.float32)
     studies, first_image, study_index = np.unique(report_row, return_index=True, return_inverse=True)
-    study_index = study_index.reshape(-1)
-    facts = {"direction": direction, "level": level, "image_level": image_level,
-             "merge_identical": bool(merge_identical), "n_images": int(len(image)), "n_studies": int(len(studies))}
-
+    pairing = _Pairing(
+        image=np.asarray(image, dtype=np.float32), report=report, report_row=report_row, patient_ids=patient_ids,
+        image_ids=np.arange(len(image)).astype(str) if image_ids is None else np.asarray(image_ids).astype(str),
+        labels=None if report_labels is None else np.asarray(report_labels, dtype=np.float64),
+        report_patient=_study_patients(report_row, patient_ids, len(report), report_patients),
+        studies=studies, first_image=first_image, study_index=study_index.reshape(-1),
+        facts={"direction": direction, "level": level, "image_level": image_level,
+               "merge_identical": bool(merge_identical), "n_images": int(len(image)), "n_studies": int(len(studies))})
     if direction == "image_to_report":
-        if image_level == "image":
-            queries, true_row, query_patients, query_ids = image, report_row, patient_ids, image_ids
-        else:
-            queries = _study_means(image, study_index, len(studies))
-            true_row, query_patients, query_ids = studies, report_patient[studies].astype(str), studies.astype(str)
-        candidates = report
-        if level == "patient":
-            keys = np.array([p if p is not None else f"\0report row {r}" for r, p in enumerate(report_patient)],
-                            dtype=object)
-            unit = _factorize(keys)
-            return AuditDesign(queries, candidates, unit[true_row], unit, int(unit.max()) + 1, query_patients,
-                               query_ids, None, {**facts, "candidate_unit": "patient (best-scoring report)",
-                                                 "n_candidate_rows": int(len(report)), "n_merged_candidates": 0})
-        if merge_identical:
-            _, unit = np.unique(report, axis=0, return_inverse=True)
-            unit = unit.reshape(-1).astype(np.int64)
-            n_units = int(unit.max()) + 1
-            return AuditDesign(queries, candidates, unit[true_row], unit, n_units, query_patients, query_ids,
-                               _merged_labels(labels, unit, n_units),
-                               {**facts, "candidate_unit": "distinct report text", "n_candidate_rows": int(len(report)),
-                                "n_merged_candidates": int(len(report) - n_units)})
-        return AuditDesign(queries, candidates, true_row, None, len(report), query_patients, query_ids, labels,
-                           {**facts, "candidate_unit": "report", "n_candidate_rows": int(len(report)),
-                            "n_merged_candidates": 0})
+        return _image_to_report(pairing, level, image_level, merge_identical)
+    return _report_to_image(pairing, level, image_level)
 
-    # report_to_image: every report with images queries for them.
-    queries = report[studies]
-    query_patients = report_patient[studies].astype(str)
-    query_ids = studies.astype(str)
-    study_labels = None if labels is None else labels[studies]
+
+def _image_to_report(p: _Pairing, level: str, image_level: str, merge_identical: bool) -> AuditDesign:
+    if image_level == "image":
+        queries, true_row, query_patients, query_ids = p.image, p.report_row, p.patient_ids, p.image_ids
+    else:
+        queries = _study_means(p.image, p.study_index, p.studies)
+        true_row, query_patients, query_ids = p.studies, p.report_patient[p.studies].astype(str), p.studies.astype(str)
+    rows = {"n_candidate_rows": int(len(p.report))}
+
+    if level == "patient":
+        # A report without a known patient is a patient of its own.
+        keys = np.array([patient if patient is not None else f"\0report row {row}"
+                         for row, patient in enumerate(p.report_patient)], dtype=object)
+        unit = _factorize(keys)
+        return AuditDesign(queries, p.report, unit[true_row], unit, int(unit.max()) + 1, query_patients, query_ids,
+                           None, {**p.facts, "candidate_unit": "patient (best-scoring report)", **rows,
+                                  "n_merged_candidates": 0})
+    if merge_identical:
+        _, unit = np.unique(p.report, axis=0, return_inverse=True)
+        unit = unit.reshape(-1).astype(np.int64)
+        n_units = int(unit.max()) + 1
+        return AuditDesign(queries, p.report, unit[true_row], unit, n_units, query_patients, query_ids,
+                           _merged_labels(p.labels, unit, n_units),
+                           {**p.facts, "candidate_unit": "distinct report text", **rows,
+                            "n_merged_candidates": int(len(p.report) - n_units)})
+    return AuditDesign(queries, p.report, true_row, None, len(p.report), query_patients, query_ids, p.labels,
+                       {**p.facts, "candidate_unit": "report", **rows, "n_merged_candidates": 0})
+
+
+def _report_to_image(p: _Pairing, level: str, image_level: str) -> AuditDesign:
+    """Every report with images queries for them."""
+    queries = p.report[p.studies]
+    query_patients = p.report_patient[p.studies].astype(str)
+    query_ids = p.studies.astype(str)
+    study_labels = None if p.labels is None else p.labels[p.studies]
+    facts = {**p.facts, "n_merged_candidates": 0}
+
     if image_level == "study_mean":
-        candidates = _study_means(image, study_index, len(studies))
+        candidates = _study_means(p.image, p.study_index, p.studies)
+        facts["n_candidate_rows"] = int(len(p.studies))
         if level == "patient":
             unit = _factorize(query_patients)
             return AuditDesign(queries, candidates, unit, unit, int(unit.max()) + 1, query_patients, query_ids, None,
-                               {**facts, "candidate_unit": "patient (best-scoring study mean)",
-                                "n_candidate_rows": int(len(studies)), "n_merged_candidates": 0})
-        return AuditDesign(queries, candidates, np.arange(len(studies)), None, len(studies), query_patients,
-                           query_ids, study_labels, {**facts, "candidate_unit": "study (mean image embedding)",
-                                                     "n_candidate_rows": int(len(studies)), "n_merged_candidates": 0})
+                               {**facts, "candidate_unit": "patient (best-scoring study mean)"})
+        return AuditDesign(queries, candidates, np.arange(len(p.studies)), None, len(p.studies), query_patients,
+                           query_ids, study_labels, {**facts, "candidate_unit": "study (mean image embedding)"})
+
+    facts["n_candidate_rows"] = int(len(p.image))
     if level == "patient":
-        unit = _factorize(patient_ids)
-        return AuditDesign(queries, image, unit[first_image], unit, int(unit.max()) + 1, query_patients, query_ids, None,
-                           {**facts, "candidate_unit": "patient (best-scoring image)",
-                            "n_candidate_rows": int(len(image)), "n_merged_candidates": 0})
-    return AuditDesign(queries, image, np.arange(len(studies)), study_index.astype(np.int64), len(studies),
-                       query_patients, query_ids, study_labels,
-                       {**facts, "candidate_unit": "study (best-scoring image)", "n_candidate_rows": int(len(image)),
-                        "n_merged_candidates": 0})
+        unit = _factorize(p.patient_ids)
+        return AuditDesign(queries, p.image, unit[p.first_image], unit, int(unit.max()) + 1, query_patients,
+                           query_ids, None, {**facts, "candidate_unit": "patient (best-scoring image)"})
+    return AuditDesign(queries, p.image, np.arange(len(p.studies)), p.study_index.astype(np.int64), len(p.studies),
+                       query_patients, query_ids, study_labels, {**facts, "candidate_unit": "study (best-scoring image)"})
