@@ -81,6 +81,11 @@ class PairedCohort:
         label_names: label columns present in ``reports``, in order.
         source: the folder or file the cohort was read from.
         skipped: records left out while loading, as ``reason -> count``.
+        repairs: records kept after a documented repair or choice (for
+            example invalid UTF-8 bytes replaced, or one of two conflicting
+            report texts chosen), as ``reason -> count``.
+        split: official split of each image (``image_id -> train|validate|test``)
+            where the publisher gives one; empty otherwise.
     """
 
     name: str
@@ -89,6 +94,8 @@ class PairedCohort:
     label_names: tuple[str, ...] = ()
     source: str = ""
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
+    repairs: dict[str, int] = dataclasses.field(default_factory=dict)
+    split: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -168,7 +175,9 @@ class PairedCohort:
         keep = self.images["patient_id"].isin(set(patient_ids))
         images = self.images[keep].reset_index(drop=True)
         reports = self.reports[self.reports["report_id"].isin(images["report_id"])].reset_index(drop=True)
-        return dataclasses.replace(self, name=name or self.name, images=images, reports=reports, skipped={})
+        split = {i: s for i, s in self.split.items() if i in set(images["image_id"])}
+        return dataclasses.replace(self, name=name or self.name, images=images, reports=reports, skipped={},
+                                   repairs={}, split=split)
 
     def drop_images(self, image_ids: list[str], reason: str) -> "PairedCohort":
         """Remove images (for example unreadable files), counting them under ``reason``."""
@@ -202,8 +211,13 @@ class PairedCohort:
         return digest.hexdigest()[:16]
 
     def describe(self) -> dict[str, object]:
-        """Summarise counts, views, duplicate report texts and skipped records."""
+        """Summarise counts, views, label prevalence, duplicate report texts, skipped and repaired records."""
         duplicate_texts = int(self.reports["text"].duplicated(keep=False).sum())
+        prevalence = {}
+        for label in self.label_names:
+            values = pd.to_numeric(self.reports[label], errors="coerce")
+            prevalence[label] = {"positive": int((values == 1).sum()), "negative": int((values == 0).sum()),
+                                 "uncertain": int((values == -1).sum()), "blank": int(values.isna().sum())}
         return {
             "name": self.name,
             "source": self.source,
@@ -213,8 +227,12 @@ class PairedCohort:
             "reports": self.n_reports,
             "reports_with_images": int(self.reports["report_id"].isin(self.images["report_id"]).sum()),
             "reports_sharing_text": duplicate_texts,
+            "distinct_report_texts": int(self.reports["text"].nunique()),
             "views": self.images["view"].value_counts().to_dict(),
+            "labels": prevalence,
+            "official_split": {k: int(v) for k, v in pd.Series(list(self.split.values()), dtype=object).value_counts().items()},
             "skipped": dict(self.skipped),
+            "repairs": dict(self.repairs),
         }
 
 
