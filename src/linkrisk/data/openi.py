@@ -1,7 +1,7 @@
-"""Open-i (Indiana University chest X-ray collection) in the publisher's layout.
+"""Open-i (Indiana University chest X-ray collection) in either of its two common layouts.
 
 Source: NLM Open-i, https://openi.nlm.nih.gov/faq (licence CC BY-NC-ND 4.0).
-Layout read here:
+The publisher's layout (``layout="xml"``):
 
 - ``NLMCXR_reports.tgz``: ``ecgen-radiology/<n>.xml``, one per study, with
   ``<AbstractText Label="FINDINGS|IMPRESSION|...">`` sections and
@@ -11,9 +11,20 @@ Layout read here:
 - ``indiana_projections.csv`` (optional, Kaggle re-packaging): the view
   (Frontal or Lateral) of each image.
 
+The Kaggle re-packaging (``layout="kaggle"``):
+
+- ``indiana_reports.csv``: one row per study (``uid``, ``MeSH``,
+  ``Problems``, ``image``, ``indication``, ``comparison``, ``findings``,
+  ``impression``);
+- ``indiana_projections.csv``: one row per image (``uid``, ``filename``
+  ``<uid>_IM-....dcm.png``, ``projection``);
+- ``images_normalized/<filename>``, often a partial download;
+- ``chexpert_labels.csv`` (optional), as above.
+
 One study per patient: the report id ``CXR<uid>`` is also the study and
-patient id. Every report in the archive is a candidate, with or without
-an image in the PNG folder.
+patient id, and image ids are the official PNG stems (``CXR<uid>_IM-...``)
+in both layouts, so the two layouts give comparable cohorts. Every report
+is a candidate, with or without an image.
 """
 
 from __future__ import annotations
@@ -31,9 +42,10 @@ import pandas as pd
 from linkrisk._logging import logger
 from linkrisk.data._tables import read_csv
 from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote, has_text
-from linkrisk.errors import InputError
+from linkrisk.data.sections import TextPolicy, compose_text
+from linkrisk.errors import ConfigError, InputError
 
-DEFAULT_SECTIONS: tuple[str, ...] = ("FINDINGS", "IMPRESSION")
+LAYOUTS = ("auto", "xml", "kaggle")
 
 # parentImage ids carry an image counter after the uid that PNG names drop:
 # CXR1_1_IM-0001-3001 names the file CXR1_IM-0001-3001.png.
@@ -45,14 +57,14 @@ def _png_stem(parent_image_id: str) -> str:
     return f"{match.group(1)}_{match.group(2)}" if match else parent_image_id
 
 
-def _parse_report(xml_bytes: bytes, sections: tuple[str, ...]) -> tuple[str, str, list[str]]:
+def _parse_report(xml_bytes: bytes, policy: TextPolicy) -> tuple[str, str, list[str]]:
     """Return ``(report_id, text, png_stems)`` of one report XML."""
     root = ET.fromstring(xml_bytes)
     uid_node = root.find("uId")
     if uid_node is None or not uid_node.get("id"):
         raise ValueError("no <uId id=...> element")
-    texts = {node.get("Label", "").upper(): (node.text or "").strip() for node in root.iter("AbstractText")}
-    text = "\n".join(texts[s] for s in sections if texts.get(s))
+    sections = {node.get("Label", "").lower(): (node.text or "").strip() for node in root.iter("AbstractText")}
+    text, _ = compose_text(sections, policy, "\n".join(v for v in sections.values() if v))
     stems = [_png_stem(node.get("id", "")) for node in root.iter("parentImage") if node.get("id")]
     return uid_node.get("id"), text, stems
 
@@ -61,7 +73,7 @@ def _parse_report(xml_bytes: bytes, sections: tuple[str, ...]) -> tuple[str, str
 MAX_REPORT_BYTES = 4 * 2**20
 
 
-def _read_archive(archive: Path, sections: tuple[str, ...], skipped: Counter) -> tuple[pd.DataFrame, dict[str, str]]:
+def _read_archive(archive: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, dict[str, str]]:
     rows: list[tuple[str, str]] = []
     image_to_report: dict[str, str] = {}
     try:
@@ -75,7 +87,7 @@ def _read_archive(archive: Path, sections: tuple[str, ...], skipped: Counter) ->
                                    member.size)
                     continue
                 try:
-                    report_id, text, stems = _parse_report(tar.extractfile(member).read(), sections)
+                    report_id, text, stems = _parse_report(tar.extractfile(member).read(), policy)
                 except (ET.ParseError, ValueError) as err:
                     skipped["unparsable report XML"] += 1
                     logger.warning("%s: skipped %s: %s", archive.name, member.name, err)
@@ -129,34 +141,108 @@ def _read_views(path: Path) -> dict[str, str]:
     return dict(zip(stems, table["projection"].fillna("unknown")))
 
 
-def load_openi(root: str | Path, sections: tuple[str, ...] = DEFAULT_SECTIONS) -> PairedCohort:
-    """Load Open-i from ``root`` (the folder holding the archive and PNG folder).
+def _detect_layout(root: Path, layout: str) -> str:
+    if layout not in LAYOUTS:
+        raise ConfigError(f"invalid Open-i layout {layout!r}; valid values: {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    if (root / "NLMCXR_reports.tgz").exists():
+        return "xml"
+    if (root / "indiana_reports.csv").exists():
+        return "kaggle"
+    raise InputError(f"{root}: neither NLMCXR_reports.tgz (official layout) nor indiana_reports.csv (Kaggle layout) "
+                     "found; point the path at the folder holding Open-i's files")
+
+
+def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+    archive = root / "NLMCXR_reports.tgz"
+    png_dir = root / "NLMCXR_png"
+    for required in (archive, png_dir):
+        if not required.exists():
+            raise InputError(f"{required}: not found; point --data at the folder holding Open-i's files")
+    reports, image_to_report = _read_archive(archive, policy, skipped)
+
+    rows, unlisted = [], 0
+    for png in sorted(png_dir.glob("*.png")):
+        report_id = image_to_report.get(png.stem)
+        if report_id is None:
+            unlisted += 1
+            continue
+        rows.append((png.stem, str(png.resolve()), report_id))
+    if unlisted:
+        skipped["image not listed in any report"] += unlisted
+        logger.warning("openi: skipped %d images in %s that no report lists as a parentImage", unlisted, png_dir.name)
+    absent = len(set(image_to_report) - {row[0] for row in rows})
+    logger.info("openi: %d report-listed images are not in %s (partial download)", absent, png_dir.name)
+    return reports, pd.DataFrame(rows, columns=["image_id", "image_path", "report_id"])
+
+
+def _kaggle_tables(root: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+    section_columns = ("findings", "impression", "indication", "comparison")
+    path = root / "indiana_reports.csv"
+    table = read_csv(path, ("uid", *section_columns), dtype=str, keep_default_na=False)
+    duplicated = table["uid"][table["uid"].duplicated()]
+    if len(duplicated):
+        raise InputError(f"{path}: uid {_quote(duplicated.unique().tolist())} listed more than once; keep one row per study")
+    texts = [compose_text(dict(zip(section_columns, row)), policy, "\n".join(v for v in row if v.strip()))[0]
+             for row in table[list(section_columns)].itertuples(index=False)]
+    reports = pd.DataFrame({"report_id": "CXR" + table["uid"].str.strip(), "text": texts})
+
+    projections = read_csv(root / "indiana_projections.csv", ("uid", "filename", "projection"), dtype=str)
+    image_dir = root / "images_normalized"
+    stems = "CXR" + projections["filename"].str.replace(".dcm.png", "", regex=False)
+    paths = [image_dir / name for name in projections["filename"]]
+    present = np.array([p.is_file() for p in paths], dtype=bool)
+    listed = ("CXR" + projections["uid"].str.strip()).isin(reports["report_id"])
+    if (~listed).any():
+        skipped["image's uid has no report"] += int((~listed).sum())
+        logger.warning("openi: skipped %d images whose uid is not in %s", int((~listed).sum()), path.name)
+    missing = listed & ~present
+    if missing.any():
+        skipped["image file missing"] += int(missing.sum())
+        logger.info("openi: %d listed images are not in %s (partial download)", int(missing.sum()), image_dir.name)
+    keep = listed & present
+    images = pd.DataFrame({"image_id": stems[keep].to_numpy(),
+                           "image_path": [str(p.resolve()) for p, k in zip(paths, keep) if k],
+                           "report_id": ("CXR" + projections.loc[keep, "uid"].str.strip()).to_numpy()})
+    return reports, images
+
+
+def load_openi(root: str | Path, text_policy: TextPolicy = TextPolicy(), layout: str = "auto") -> PairedCohort:
+    """Load Open-i from ``root`` in the official (``xml``) or Kaggle layout.
 
     Args:
-        root: folder with ``NLMCXR_reports.tgz`` and ``NLMCXR_png/``.
-        sections: report sections joined (newline) into the report text,
-            in this order; a missing or empty section is left out.
+        root: folder with ``NLMCXR_reports.tgz`` and ``NLMCXR_png/``, or with
+            ``indiana_reports.csv``, ``indiana_projections.csv`` and
+            ``images_normalized/``.
+        text_policy: report sections that form the text (default findings,
+            then impression).
+        layout: ``auto`` (the official layout when its archive is present,
+            else Kaggle), ``xml`` or ``kaggle``.
 
     Returns:
         A validated :class:`PairedCohort` named ``openi``. Reports whose
         chosen sections are all empty are skipped, and so are their images.
     """
     root = Path(root)
-    archive = root / "NLMCXR_reports.tgz"
-    png_dir = root / "NLMCXR_png"
-    for required in (archive, png_dir):
-        if not required.exists():
-            raise InputError(f"{required}: not found; point --data at the folder holding Open-i's files")
-
+    layout = _detect_layout(root, layout)
     skipped: Counter = Counter()
-    reports, image_to_report = _read_archive(archive, tuple(s.upper() for s in sections), skipped)
+    reports, images = (_xml_tables if layout == "xml" else _kaggle_tables)(root, text_policy, skipped)
+    logger.info("openi: %s layout, %d reports, report text %s", layout, len(reports), text_policy.describe())
 
     empty = ~has_text(reports["text"])
     if empty.any():
         skipped["report has no text in the chosen sections"] += int(empty.sum())
-        logger.info("openi: %d reports have no text in sections %s; left out of the candidates", empty.sum(), sections)
+        logger.info("openi: %d reports have no text in sections %s; left out of the candidates", empty.sum(),
+                    text_policy.describe())
     empty_ids = set(reports.loc[empty, "report_id"])
     reports = reports[~empty].reset_index(drop=True)
+    orphaned = images["report_id"].isin(empty_ids)
+    if orphaned.any():
+        skipped["image's report has no text"] += int(orphaned.sum())
+        logger.warning("openi: skipped %d images whose report has no text: %s", int(orphaned.sum()),
+                       _quote(images.loc[orphaned, "image_id"].tolist()))
+    images = images[~orphaned].reset_index(drop=True)
 
     labels_path = root / "chexpert_labels.csv"
     if labels_path.exists():
@@ -173,28 +259,14 @@ def load_openi(root: str | Path, sections: tuple[str, ...] = DEFAULT_SECTIONS) -
 
     views_path = root / "indiana_projections.csv"
     views = _read_views(views_path) if views_path.exists() else {}
-
-    image_rows = []
-    for png in sorted(png_dir.glob("*.png")):
-        report_id = image_to_report.get(png.stem)
-        if report_id is None:
-            skipped["image not listed in any report"] += 1
-            logger.warning("openi: skipped image %s: no report lists it as a parentImage", png.name)
-            continue
-        if report_id in empty_ids:
-            skipped["image's report has no text"] += 1
-            logger.warning("openi: skipped image %s: its report %s has no text", png.name, report_id)
-            continue
-        image_rows.append((png.stem, str(png.resolve()), report_id, report_id, report_id, views.get(png.stem, "unknown")))
-    images = pd.DataFrame(image_rows, columns=["image_id", "image_path", "study_id", "patient_id", "report_id", "view"])
-    absent = len(set(image_to_report) - set(images["image_id"])) - skipped["image's report has no text"]
-    logger.info(
-        "openi: %d images with reports; %d images listed in reports are not in %s (partial download)",
-        len(images), max(absent, 0), png_dir.name,
-    )
+    images["view"] = images["image_id"].map(lambda stem: views.get(stem, "unknown")).astype(str)
+    # One study per patient: the report id is also the study and patient id.
+    images["study_id"] = images["report_id"]
+    images["patient_id"] = images["report_id"]
+    logger.info("openi: %d images with reports", len(images))
 
     cohort = PairedCohort(
-        name="openi", images=images, reports=reports, label_names=CHEXPERT_LABELS,
-        source=str(root), skipped=dict(skipped),
+        name="openi", images=images[["image_id", "image_path", "study_id", "patient_id", "report_id", "view"]],
+        reports=reports, label_names=CHEXPERT_LABELS, source=str(root), skipped=dict(skipped),
     )
     return cohort.validate()
