@@ -160,7 +160,7 @@ def _print_audit(result: dict) -> None:
 
 @app.command()
 def audit(
-    embeddings: Annotated[Path, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet (and reports.parquet for labels).")],
+    embeddings: Annotated[str, typer.Argument(metavar="EMBEDDINGS", help="Folder with image.npy, report.npy and pairs.parquet (and reports.parquet for labels), or manifest:PATH with both embedding columns.")],
     pools: Annotated[str, typer.Option(help="Candidate pool sizes, comma-separated; 'full' is the whole set.")] = "10,100,1000,full",
     ks: Annotated[str, typer.Option(help="Recall cut-offs K, comma-separated.")] = "1,5,10",
     direction: Annotated[str, typer.Option(help="image-to-report (an image looks for its report) or report-to-image.")] = "image-to-report",
@@ -206,6 +206,53 @@ def audit(
             write_json(json_out, result)
         except OSError as err:
             _fail_io(err)
+
+
+data_app = typer.Typer(add_completion=False, no_args_is_help=True,
+                       help="Inspect datasets given as NAME:PATH (mimic-cxr, chexpert-plus, openi, covid, manifest).")
+app.add_typer(data_app, name="data")
+
+
+def _print_description(summary: dict) -> None:
+    console = Console(soft_wrap=True)
+    console.print(f"{summary['name']} ({summary['source']}): {summary['images']} images, {summary['studies']} studies, "
+                  f"{summary['patients']} patients, {summary['reports']} reports "
+                  f"({summary['reports_with_images']} with images, {summary['distinct_report_texts']} distinct texts, "
+                  f"{summary['reports_sharing_text']} sharing their text with another)")
+    console.print("  views: " + (", ".join(f"{view} {count}" for view, count in summary["views"].items()) or "none"))
+    if summary["official_split"]:
+        console.print("  official split: " + ", ".join(f"{k} {v}" for k, v in summary["official_split"].items()))
+    for label, counts in summary["labels"].items():
+        console.print(f"  {label:<27} positive {counts['positive']:>6}  negative {counts['negative']:>6}  "
+                      f"uncertain {counts['uncertain']:>6}  blank {counts['blank']:>6}")
+    for title in ("skipped", "repairs"):
+        for reason, count in summary[title].items():
+            console.print(f"  {title}: {reason}: {count}")
+
+
+@data_app.command("describe")
+def data_describe(
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="Dataset as NAME:PATH, e.g. openi:../shared/data/openi.")],
+    text_policy: Annotated[Optional[str], typer.Option(help="Report sections forming the text, e.g. findings+impression or impression,fallback=full.")] = None,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write the summary as JSON here.")] = None,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only.")] = False,
+) -> None:
+    """Load a dataset and print its summary: counts, views, label prevalence, skipped and repaired records."""
+    _setup_logging(quiet)
+    from linkrisk._io import write_json
+    from linkrisk.data.registry import load_dataset
+    from linkrisk.data.sections import TextPolicy
+
+    try:
+        policy = TextPolicy.parse(text_policy) if text_policy else None
+        summary = load_dataset(spec, policy).describe()
+        _print_description(summary)
+        if json_out:
+            write_json(json_out, summary)
+    except LinkriskError as err:
+        _fail(err)
+    except (OSError, EOFError) as err:
+        _fail_io(err)
 
 
 @app.command()

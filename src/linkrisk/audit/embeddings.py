@@ -130,6 +130,23 @@ def _label_columns(path: Path, table: pd.DataFrame) -> np.ndarray:
     return labels.to_numpy(dtype=np.float64)
 
 
+def _manifest_embeddings(spec: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Embeddings, pairs and report labels from a Parquet manifest with both embedding columns."""
+    from linkrisk.data.registry import load_dataset
+
+    cohort = load_dataset(spec)
+    if set(cohort.embeddings) != {"image", "report"}:
+        raise InputError(f"{spec}: auditing a manifest needs both image_embedding and report_embedding columns")
+    row_of = {report_id: row for row, report_id in enumerate(cohort.reports["report_id"])}
+    pairs = pd.DataFrame({"image_id": cohort.images["image_id"],
+                          "report_row": cohort.images["report_id"].map(row_of).astype(np.int64),
+                          "patient_id": cohort.images["patient_id"]})
+    image = _checked_rows(Path(spec) / "image_embedding", cohort.embeddings["image"])
+    report = _checked_rows(Path(spec) / "report_embedding", cohort.embeddings["report"])
+    reports = cohort.reports[["report_id", *cohort.label_names]]
+    return image, report, pairs, reports
+
+
 def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, seed: int = 0,
                  negatives: str = "random", label_policy: str = "zeros", *, direction: str = "image_to_report",
                  level: str = "study", image_level: str = "image", merge_identical: bool = False,
@@ -144,14 +161,19 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
     negatives = negatives.replace("-", "_")
     if negatives not in NEGATIVES:
         raise ConfigError(f"unknown negatives {negatives!r}; valid values: random, label-matched")
-    image, report, pairs = load_embeddings(folder)
-    reports = load_reports_table(folder, len(report), required=negatives == "label_matched")
+    if str(folder).startswith("manifest:"):
+        image, report, pairs, reports = _manifest_embeddings(str(folder))
+    else:
+        image, report, pairs = load_embeddings(Path(folder))
+        reports = load_reports_table(folder, len(report), required=negatives == "label_matched")
     labels = report_patients = None
     if reports is not None:
         if "patient_id" in reports.columns:
             report_patients = reports["patient_id"].to_numpy(dtype=object)
         if negatives == "label_matched":
-            labels = _label_columns(Path(folder) / "reports.parquet", reports)
+            source = str(folder).removeprefix("manifest:") if str(folder).startswith("manifest:") else \
+                Path(folder) / "reports.parquet"
+            labels = _label_columns(Path(source), reports)
     image_ids = pairs["image_id"].to_numpy() if "image_id" in pairs.columns else None
     design = build_design(image, report, pairs["report_row"].to_numpy(), pairs["patient_id"].astype(str).to_numpy(),
                           image_ids=image_ids, report_labels=labels, report_patients=report_patients,

@@ -86,6 +86,9 @@ class PairedCohort:
             report texts chosen), as ``reason -> count``.
         split: official split of each image (``image_id -> train|validate|test``)
             where the publisher gives one; empty otherwise.
+        embeddings: precomputed embeddings where the source has them
+            (``image``: ``[n_images, d]`` in image-row order; ``report``:
+            ``[n_reports, d]`` in report-row order); empty otherwise.
     """
 
     name: str
@@ -96,6 +99,7 @@ class PairedCohort:
     skipped: dict[str, int] = dataclasses.field(default_factory=dict)
     repairs: dict[str, int] = dataclasses.field(default_factory=dict)
     split: dict[str, str] = dataclasses.field(default_factory=dict)
+    embeddings: dict[str, np.ndarray] = dataclasses.field(default_factory=dict)
 
     @property
     def n_images(self) -> int:
@@ -174,15 +178,23 @@ class PairedCohort:
         """
         keep = self.images["patient_id"].isin(set(patient_ids))
         images = self.images[keep].reset_index(drop=True)
-        reports = self.reports[self.reports["report_id"].isin(images["report_id"])].reset_index(drop=True)
+        keep_reports = self.reports["report_id"].isin(images["report_id"])
+        reports = self.reports[keep_reports].reset_index(drop=True)
         split = {i: s for i, s in self.split.items() if i in set(images["image_id"])}
+        embeddings = {}
+        if "image" in self.embeddings:
+            embeddings["image"] = self.embeddings["image"][keep.to_numpy()]
+        if "report" in self.embeddings:
+            embeddings["report"] = self.embeddings["report"][keep_reports.to_numpy()]
         return dataclasses.replace(self, name=name or self.name, images=images, reports=reports, skipped={},
-                                   repairs={}, split=split)
+                                   repairs={}, split=split, embeddings=embeddings)
 
     def drop_images(self, image_ids: list[str], reason: str) -> "PairedCohort":
         """Remove images (for example unreadable files), counting them under ``reason``."""
         if not image_ids:
             return self
+        if self.embeddings:
+            raise InputError(f"cohort {self.name!r} carries precomputed embeddings; drop rows before embedding")
         drop = self.images["image_id"].isin(set(image_ids))
         skipped = Counter(self.skipped)
         skipped[reason] += int(drop.sum())
