@@ -94,3 +94,34 @@ def test_invisible_text_counts_as_empty():
 
     texts = pd.Series(["normal heart size", "   ", "\u200b\u200b", None, "1"])
     assert has_text(texts).tolist() == [True, False, False, False, True]
+
+
+def test_stratified_split_keeps_prevalence(covid):
+    from linkrisk.data.cohort import split_by_patient
+
+    label = "COVID-19"
+    positive = covid.reports.loc[covid.reports[label] == 1.0, "report_id"]
+    positive_patients = set(covid.images.loc[covid.images["report_id"].isin(positive), "patient_id"])
+    train, test = split_by_patient(covid, 0.25, seed=3, stratify=label)
+    test_positive = positive_patients & set(test.images["patient_id"])
+    assert len(test_positive) == round(0.25 * len(positive_patients))
+    assert set(train.images["patient_id"]).isdisjoint(test.images["patient_id"])
+    assert train.n_patients + test.n_patients == covid.n_patients
+    with pytest.raises(InputError, match="cannot stratify by 'Cardiomegaly'"):
+        split_by_patient(covid, 0.25, seed=3, stratify="Cardiomegaly")
+
+
+def test_official_split_selects_part(covid):
+    import dataclasses
+
+    from linkrisk.data.cohort import official_split
+
+    images = covid.images["image_id"].tolist()
+    cohort = dataclasses.replace(covid, split={i: ("test" if n % 4 == 0 else "train") for n, i in enumerate(images)})
+    test = official_split(cohort, "test")
+    assert test.n_images == len(images[::4])
+    assert set(test.split.values()) == {"test"}
+    with pytest.raises(InputError, match="no official split part 'validate'; parts: test, train"):
+        official_split(cohort, "validate")
+    with pytest.raises(InputError, match="has no official split"):
+        official_split(covid, "test")

@@ -1,7 +1,11 @@
 """Paired cohorts: loaders for real archives into one canonical table pair."""
 
-from linkrisk.data.cohort import CHEXPERT_LABELS, PairedCohort, split_by_patient
+from linkrisk.data.cohort import CHEXPERT_LABELS, PairedCohort, official_split, split_by_patient
 from linkrisk.data.covid import load_covid
+from linkrisk.data.manifest import load_manifest
 from linkrisk.data.openi import load_openi
+from linkrisk.data.registry import DATASETS, load_dataset, parse_spec
+from linkrisk.data.sections import TextPolicy
 
-__all__ = ["CHEXPERT_LABELS", "PairedCohort", "load_covid", "load_openi", "split_by_patient"]
+__all__ = ["CHEXPERT_LABELS", "DATASETS", "PairedCohort", "TextPolicy", "load_covid", "load_dataset", "load_manifest",
+           "load_openi", "official_split", "parse_spec", "split_by_patient"]

@@ -249,13 +249,16 @@ class PairedCohort:
 
 
 def split_by_patient(
-    cohort: PairedCohort, test_fraction: float, seed: int
+    cohort: PairedCohort, test_fraction: float, seed: int, stratify: str | None = None
 ) -> tuple[PairedCohort, PairedCohort]:
     """Split a cohort into patient-disjoint train and test cohorts.
 
     Patients are shuffled with ``numpy.random.default_rng(seed)`` and the
     first ``round(test_fraction * n_patients)`` (at least one) go to test.
-    Each side keeps only the reports its images point to.
+    With ``stratify`` (a label name), patients are split within two strata,
+    those with any report positive for the label and the rest, so both
+    sides keep the label's prevalence. Each side keeps only the reports its
+    images point to.
     """
     if not 0.0 < test_fraction < 1.0:
         raise InputError(f"test fraction must be between 0 and 1, got {test_fraction}")
@@ -265,11 +268,48 @@ def split_by_patient(
             f"cohort {cohort.name!r} has {len(patients)} patient(s); a patient-disjoint split needs at least 2"
         )
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(patients))
-    n_test = min(max(1, round(test_fraction * len(patients))), len(patients) - 1)
-    test_patients = set(patients[order[:n_test]])
-    train_patients = set(patients[order[n_test:]])
+    if stratify is None:
+        strata = [patients]
+    else:
+        if stratify not in cohort.label_names:
+            raise InputError(f"cannot stratify by {stratify!r}: cohort {cohort.name!r} has labels "
+                             f"{list(cohort.label_names)}")
+        positive = cohort.reports.loc[cohort.reports[stratify] == 1.0, "report_id"]
+        positive_patients = set(cohort.images.loc[cohort.images["report_id"].isin(positive), "patient_id"])
+        in_positive = np.isin(patients, list(positive_patients))
+        strata = [stratum for stratum in (patients[in_positive], patients[~in_positive]) if len(stratum)]
+
+    test_patients: set[str] = set()
+    for stratum in strata:
+        order = rng.permutation(len(stratum))
+        n_test = round(test_fraction * len(stratum))
+        test_patients |= set(stratum[order[:n_test]])
+    # At least one patient on each side, whatever the rounding in small strata.
+    if not test_patients:
+        test_patients = {patients[rng.integers(len(patients))]}
+    if len(test_patients) == len(patients):
+        test_patients.discard(sorted(test_patients)[0])
+    train_patients = set(patients) - test_patients
     return (
         cohort.subset_patients(train_patients, name=f"{cohort.name}_train"),
         cohort.subset_patients(test_patients, name=f"{cohort.name}_test"),
     )
+
+
+def official_split(cohort: PairedCohort, part: str) -> PairedCohort:
+    """Keep the images the publisher assigns to ``part`` (for example ``test``) and their reports."""
+    if not cohort.split:
+        raise InputError(f"cohort {cohort.name!r} has no official split; use split_by_patient")
+    parts = sorted(set(cohort.split.values()))
+    if part not in parts:
+        raise InputError(f"cohort {cohort.name!r} has no official split part {part!r}; parts: {', '.join(parts)}")
+    keep = cohort.images["image_id"].map(cohort.split).eq(part)
+    images = cohort.images[keep].reset_index(drop=True)
+    reports = cohort.reports[cohort.reports["report_id"].isin(images["report_id"])].reset_index(drop=True)
+    embeddings = {}
+    if "image" in cohort.embeddings:
+        embeddings["image"] = cohort.embeddings["image"][keep.to_numpy()]
+    if "report" in cohort.embeddings:
+        embeddings["report"] = cohort.embeddings["report"][cohort.reports["report_id"].isin(images["report_id"]).to_numpy()]
+    return dataclasses.replace(cohort, name=f"{cohort.name}_{part}", images=images, reports=reports, skipped={},
+                               repairs={}, split={i: part for i in images["image_id"]}, embeddings=embeddings)
