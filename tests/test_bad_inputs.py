@@ -351,3 +351,14 @@ def test_cli_audit_label_matched_needs_labels(embeddings_folder):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "valid values: random, label-matched" in result.stderr
+
+
+def test_gzipped_csv_invalid_utf8_names_line(tmp_path):
+    import gzip
+
+    from linkrisk.data._tables import read_csv
+
+    path = tmp_path / "table.csv.gz"
+    path.write_bytes(gzip.compress(b"a,b\n1,2\n3,\xff\n"))
+    with pytest.raises(InputError, match=r"table.csv.gz: line 3 is not valid UTF-8"):
+        read_csv(path, ("a", "b"), compression="infer")

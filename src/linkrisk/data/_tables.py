@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 from pathlib import Path
 
 import pandas as pd
@@ -23,7 +24,7 @@ def read_csv(path: Path, required: tuple[str, ...] = (), **options) -> pd.DataFr
         raise InputError(f"{path}: the file is empty; expected a header row and data rows") from err
     except UnicodeDecodeError as err:
         # The parser's offset is relative to its buffer; decode the whole file for the real position.
-        data = path.read_bytes()
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         try:
             data.decode("utf-8")
             offset = err.start

@@ -7,7 +7,8 @@ only these two tables.
     ``image_id`` (str, unique), ``image_path`` (str, absolute),
     ``study_id`` (str), ``patient_id`` (str), ``report_id`` (str, the
     image's true report), ``view`` (str: ``PA``, ``AP``, ``AP Supine``,
-    ``Lateral``, ``Frontal`` or ``unknown``).
+    ``Lateral``, ``Frontal``, ``unknown``, or another view name as the
+    publisher writes it, such as MIMIC-CXR's ``AP AXIAL``).
 ``reports`` columns
     ``report_id`` (str, unique), ``text`` (str, non-empty), then one float
     column per name in ``label_names``: 1.0 positive, 0.0 negative, -1.0
