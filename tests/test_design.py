@@ -212,3 +212,48 @@ def test_cli_audit_rejects_bad_options(demo_run, args, message):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert message in " ".join(result.stderr.split())
+
+
+def test_merge_lets_unlabelled_rows_join_labelled_twins(real_pairing):
+    report_row, patients, n_reports = real_pairing
+    image, report = _integer_embeddings(0, len(report_row), n_reports)
+    labels = np.zeros((n_reports, 3))
+    labels[1] = np.nan  # row 1 has no labels; row 4 is its identical twin with labels
+    design = build_design(image, report, report_row, patients, report_labels=labels, merge_identical=True)
+    result = run_audit(design, pools=["full"], ks=[1], n_boot=20, negatives="label_matched")
+    assert result["n_candidates_without_labels"] == 0
+    assert result["n_candidates"] == n_reports - 1
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"ks": [0]}, "invalid K 0"),
+    ({"ks": [-1]}, "invalid K -1"),
+    ({"pools": ["FULL"]}, "invalid pool 'FULL'"),
+])
+def test_run_audit_rejects_bad_pools_and_ks(real_pairing, kwargs, message):
+    report_row, patients, n_reports = real_pairing
+    image, report = _integer_embeddings(0, len(report_row), n_reports)
+    with pytest.raises(ConfigError, match=message):
+        run_audit(build_design(image, report, report_row, patients), **kwargs)
+
+
+def test_build_design_rejects_bad_rows(real_pairing):
+    report_row, patients, n_reports = real_pairing
+    image, report = _integer_embeddings(0, len(report_row), n_reports)
+    bad = report_row.copy()
+    bad[0] = -1
+    with pytest.raises(InputError, match=r"report rows must lie in \[0, 8\)"):
+        build_design(image, report, bad, patients, direction="report_to_image")
+    with pytest.raises(InputError, match="8 reports but 3 label rows"):
+        build_design(image, report, report_row, patients, report_labels=np.zeros((3, 2)))
+    with pytest.raises(InputError, match="query embedding rows contain NaN"):
+        monte_carlo_recall(np.full((2, 3), np.nan, np.float32), report, np.array([0, 1]), [2], [1], 5)
+
+
+def test_cli_error_text_is_printed_as_written(tmp_path):
+    folder = tmp_path / "x[/]y"  # "[/]" closes a markup tag in rich
+    folder.mkdir(parents=True)
+    result = subprocess.run([*LINKRISK, "audit", str(folder)], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert "x[/]y" in result.stderr

@@ -17,6 +17,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.text import Text
 
 from linkrisk import __version__
 from linkrisk.errors import ConfigError, LinkriskError
@@ -34,7 +35,8 @@ def _setup_logging(quiet: bool) -> None:
 
 
 def _fail(err: LinkriskError) -> None:
-    err_console.print(f"[bold red]error:[/] {err}", markup=True, highlight=False, soft_wrap=True)
+    # The message is printed as written: paths and shapes may contain square brackets.
+    err_console.print(Text("error: ", style="bold red") + Text(str(err)), highlight=False, soft_wrap=True)
     raise typer.Exit(code=2)
 
 
@@ -121,6 +123,8 @@ def _device(text: str) -> str:
         raise ConfigError(f"invalid --device {text!r} ({err}); use cpu, cuda or cuda:0") from err
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {text}: no CUDA device is available here; use cpu")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {text}: no MPS device is available here; use cpu")
     if device.type not in ("cpu", "cuda", "mps"):
         raise ConfigError(f"--device {text}: unsupported device type {device.type!r}; use cpu or cuda")
     return str(device)
@@ -167,11 +171,11 @@ def audit(
     level: Annotated[str, typer.Option(help="study (only the own study is a hit) or patient (any study of the same patient is a hit; pools of patients).")] = "study",
     image_level: Annotated[str, typer.Option(help="image (each image on its own) or study-mean (mean embedding of a study's images).")] = "image",
     merge_identical: Annotated[bool, typer.Option(help="Merge identical report texts into one candidate (image-to-report, study level).")] = False,
-    ties: Annotated[str, typer.Option(help="Tie rule for reported values: random, optimistic or pessimistic (all three are in the JSON).")] = "random",
+    ties: Annotated[str, typer.Option(help="Tie rule for reported values: random, optimistic or pessimistic (with random negatives all three are in the JSON).")] = "random",
     negatives: Annotated[str, typer.Option(help="Pool negatives: random (uniform) or label-matched (same label vector as the true report; needs reports.parquet).")] = "random",
     label_policy: Annotated[str, typer.Option(help="With label-matched: uncertain and blank labels as zeros, ones (uncertain only), or ignore.")] = "zeros",
     fallback: Annotated[str, typer.Option(help="With label-matched: none (cap small groups) or nearest-label (fill pools by smallest label distance).")] = "none",
-    monte_carlo: Annotated[int, typer.Option(min=0, help="Also sample this many explicit pools per query and pool size (random negatives), beside the closed form; 0 turns it off.")] = 0,
+    monte_carlo: Annotated[int, typer.Option(min=0, help="Also sample this many explicit pools per query and pool size (random negatives), beside the closed form; 0 turns it off. Slow: time grows with queries x pools x N (minutes at 10,000 queries).")] = 0,
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of the bootstrap and Monte Carlo pools.")] = 0,
     device: Annotated[str, typer.Option(help="Torch device for the score matmul: cpu, cuda, cuda:1, ...")] = "cpu",
@@ -201,6 +205,9 @@ def audit(
     except (OSError, EOFError) as err:
         _fail_io(err)
     _print_audit(result)
+    if not result["recall"]:
+        err_console.print(Text("warning: no Recall@K entry left: every K is at least its pool size N; "
+                               "choose smaller --ks or larger --pools", style="yellow"), soft_wrap=True)
     if json_out:
         try:
             write_json(json_out, result)

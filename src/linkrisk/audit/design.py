@@ -106,12 +106,18 @@ def _factorize(keys: np.ndarray) -> np.ndarray:
 
 
 def _merged_labels(labels: np.ndarray | None, unit: np.ndarray, n_units: int) -> np.ndarray | None:
+    """One label vector per merged unit: that of its first labelled row; rows without any label do not vote."""
     if labels is None:
         return None
+    labelled = ~np.isnan(labels).all(axis=1)
+    rows = np.arange(len(unit))
+    # Labelled rows first, then file order: the first row of each unit in this order gives its vector.
+    order = np.lexsort((rows, ~labelled))
     first = np.full(n_units, -1, dtype=np.int64)
-    first[unit[::-1]] = np.arange(len(unit))[::-1]
+    first[unit[order[::-1]]] = order[::-1]
     merged = labels[first]
-    differs = ~((labels == merged[unit]) | (np.isnan(labels) & np.isnan(merged[unit]))).all(axis=1)
+    same = (labels == merged[unit]) | (np.isnan(labels) & np.isnan(merged[unit]))
+    differs = labelled & ~same.all(axis=1)
     if differs.any():
         row = int(np.flatnonzero(differs)[0])
         raise InputError(f"report rows {int(first[unit[row]])} and {row} have identical embeddings but different "
@@ -159,9 +165,18 @@ def build_design(image: np.ndarray, report: np.ndarray, report_row: np.ndarray, 
         raise ConfigError("merging identical report texts applies to report candidates at study level "
                           "(direction image_to_report, level study)")
 
-    report_row = np.asarray(report_row, dtype=np.int64)
+    report_row = np.asarray(report_row)
+    if report_row.size and not np.issubdtype(report_row.dtype, np.integer):
+        raise InputError(f"report rows must be integers, got dtype {report_row.dtype}")
+    report_row = report_row.astype(np.int64)
     patient_ids = np.asarray(patient_ids).astype(str)
     report = np.asarray(report, dtype=np.float32)
+    if len(report_row) != len(image) or len(patient_ids) != len(image):
+        raise InputError(f"{len(image)} images but {len(report_row)} report rows and {len(patient_ids)} patient ids")
+    if len(report_row) and (report_row.min() < 0 or report_row.max() >= len(report)):
+        raise InputError(f"report rows must lie in [0, {len(report)}), got {report_row.min()}..{report_row.max()}")
+    if report_labels is not None and len(report_labels) != len(report):
+        raise InputError(f"{len(report)} reports but {len(report_labels)} label rows")
     studies, first_image, study_index = np.unique(report_row, return_index=True, return_inverse=True)
     pairing = _Pairing(
         image=np.asarray(image, dtype=np.float32), report=report, report_row=report_row, patient_ids=patient_ids,

@@ -96,8 +96,8 @@ def _checked_rows(path: Path, array: np.ndarray) -> np.ndarray:
     return array
 
 
-# Columns of reports.parquet that are ids, not labels.
-REPORT_ID_COLUMNS = ("report_id", "patient_id")
+# Columns of reports.parquet that are ids, not labels; every other column is a label.
+REPORT_ID_COLUMNS = ("report_id", "patient_id", "study_id", "image_id")
 
 
 def load_reports_table(folder: Path, n_reports: int, required: bool) -> pd.DataFrame | None:
@@ -125,8 +125,15 @@ def _label_columns(path: Path, table: pd.DataFrame) -> np.ndarray:
     labels = table[columns].apply(pd.to_numeric, errors="coerce")
     bad = (labels.isna() & table[columns].notna()).to_numpy()
     if bad.any():
+        # The value itself is not printed: a text column here could hold report text.
         row, column = np.argwhere(bad)[0]
-        raise InputError(f"{path}: column {columns[column]!r} row {row} is not a number: {table[columns[column]].iloc[row]!r}")
+        raise InputError(f"{path}: column {columns[column]!r} row {row} is not a number; only label columns "
+                         f"(1, 0, -1, blank) and the ids {', '.join(REPORT_ID_COLUMNS)} belong in this table")
+    outside = ~(labels.isna() | labels.isin([1.0, 0.0, -1.0])).to_numpy()
+    if outside.any():
+        row, column = np.argwhere(outside)[0]
+        raise InputError(f"{path}: column {columns[column]!r} row {row} has label value {labels.iat[row, column]}; "
+                         "labels must be 1, 0, -1 or blank")
     return labels.to_numpy(dtype=np.float64)
 
 

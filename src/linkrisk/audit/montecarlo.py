@@ -87,6 +87,10 @@ def monte_carlo_recall(queries: np.ndarray, candidates: np.ndarray, true_index: 
             raise ConfigError(f"pool size {size} must be between 2 and the number of candidates ({n_units})")
     if len(true_index) != len(queries) or (len(true_index) and not 0 <= true_index.min() <= true_index.max() < n_units):
         raise InputError(f"true indices must be one per query and lie in [0, {n_units})")
+    for name, array in (("query", queries), ("candidate", candidates)):
+        bad = ~np.isfinite(array).all(axis=1)
+        if bad.any():
+            raise InputError(f"{int(bad.sum())} {name} embedding rows contain NaN or inf (first row {np.flatnonzero(bad)[0]})")
 
     # Identical candidate rows are scored once, so they tie exactly.
     unique, inverse = np.unique(candidates, axis=0, return_inverse=True)

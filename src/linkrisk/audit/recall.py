@@ -255,7 +255,12 @@ def audit_counts(above: np.ndarray, equal: np.ndarray, n_candidates: int, patien
         raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
     above, equal = _check_counts(above, equal, n_candidates)
     entries, per_query = [], []
-    for label, pool_size in resolve_pools(list(pools), n_candidates):
+    resolved = resolve_pools(list(pools), n_candidates)
+    unreported = sorted({int(k) for k in ks if all(k >= size for _, size in resolved)})
+    if unreported:
+        logger.warning("K values %s are not smaller than any pool size, so no Recall@K is reported for them "
+                       "(it would be 1 by definition)", unreported)
+    for label, pool_size in resolved:
         for k in ks:
             if k >= pool_size:
                 continue

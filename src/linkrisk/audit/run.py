@@ -59,6 +59,7 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
         ``monte_carlo`` list when requested.
     """
     negatives = tuple(negatives)
+    _check_pools_and_ks(pools, ks)
     for value, valid, what in ((ties, TIE_RULES, "tie rule"), (label_policy, LABEL_POLICIES, "label policy"),
                                *((kind, NEGATIVES, "negatives") for kind in negatives)):
         if value not in valid:
@@ -105,6 +106,17 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
         results.append(result)
     logger.info("audit finished in %.1f s", time.perf_counter() - started)
     return results
+
+
+def _check_pools_and_ks(pools: list[int | str], ks: list[int]) -> None:
+    for pool in pools:
+        if pool != "full" and not (isinstance(pool, (int, np.integer)) and not isinstance(pool, bool) and pool >= 2):
+            raise ConfigError(f"invalid pool {pool!r}; pools are integers >= 2 or 'full'")
+    if not ks:
+        raise ConfigError("no cut-off K given; use for example ks=[1, 5, 10]")
+    for k in ks:
+        if not (isinstance(k, (int, np.integer)) and not isinstance(k, bool) and k >= 1):
+            raise ConfigError(f"invalid K {k!r}; cut-offs are integers >= 1")
 
 
 def _monte_carlo(design: AuditDesign, counts, pools, ks, n_boot: int, seed: int, n_pools: int, device) -> list[dict]:
