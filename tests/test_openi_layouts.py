@@ -72,3 +72,40 @@ def test_openi_layout_errors(tmp_path):
         load_openi(tmp_path)
     with pytest.raises(ConfigError, match="valid values: auto, xml, kaggle"):
         load_openi(tmp_path, layout="csv")
+
+
+def test_kaggle_invalid_utf8_is_replaced_and_counted(data_dir, tmp_path):
+    root = _kaggle_copy(data_dir, tmp_path / "kaggle", images=False)
+    data = (root / "indiana_reports.csv").read_bytes()
+    (root / "indiana_reports.csv").unlink()
+    extra = b"99999,normal,normal,x,synthetic indication,none,synthetic \xff findings,synthetic impression\n"
+    (root / "indiana_reports.csv").write_bytes(data + extra)
+    cohort = load_openi(root)
+    assert cohort.repairs == {"report with invalid UTF-8 bytes replaced": 1}
+    assert cohort.n_reports == 3827
+    text = cohort.reports.set_index("report_id").loc["CXR99999", "text"]
+    assert text == "synthetic \ufffd findings\nsynthetic impression"
+
+
+def test_xml_invalid_utf8_is_replaced_and_counted(data_dir, tmp_path):
+    import io
+    import shutil
+    import tarfile
+
+    root = tmp_path / "openi"
+    root.mkdir()
+    shutil.copytree(data_dir / "openi" / "NLMCXR_png", root / "NLMCXR_png")
+    with tarfile.open(data_dir / "openi" / "NLMCXR_reports.tgz") as source, \
+            tarfile.open(root / "NLMCXR_reports.tgz", "w:gz") as target:
+        changed = False
+        for member in source:
+            data = source.extractfile(member).read() if member.isfile() else None
+            if data is not None and not changed and b'Label="FINDINGS">' in data:
+                data = data.replace(b'Label="FINDINGS">', b'Label="FINDINGS">\xff', 1)
+                member.size = len(data)
+                changed = True
+            target.addfile(member, io.BytesIO(data) if data is not None else None)
+    cohort = load_openi(root)
+    assert cohort.repairs == {"report with invalid UTF-8 bytes replaced": 1}
+    assert cohort.n_reports == 3927
+    assert cohort.reports["text"].str.contains("\ufffd", regex=False).sum() == 1

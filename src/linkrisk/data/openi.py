@@ -73,7 +73,22 @@ def _parse_report(xml_bytes: bytes, policy: TextPolicy) -> tuple[str, str, list[
 MAX_REPORT_BYTES = 4 * 2**20
 
 
-def _read_archive(archive: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, dict[str, str]]:
+def _parse_or_repair(xml_bytes: bytes, policy: TextPolicy, repairs: Counter) -> tuple[str, str, list[str]]:
+    """Parse a report; bytes that are not UTF-8 are replaced by U+FFFD and counted."""
+    try:
+        return _parse_report(xml_bytes, policy)
+    except ET.ParseError:
+        try:
+            xml_bytes.decode("utf-8")
+            raise
+        except UnicodeDecodeError:
+            parsed = _parse_report(xml_bytes.decode("utf-8", errors="replace").encode("utf-8"), policy)
+            repairs["report with invalid UTF-8 bytes replaced"] += 1
+            return parsed
+
+
+def _read_archive(archive: Path, policy: TextPolicy, skipped: Counter,
+                  repairs: Counter) -> tuple[pd.DataFrame, dict[str, str]]:
     rows: list[tuple[str, str]] = []
     image_to_report: dict[str, str] = {}
     try:
@@ -87,7 +102,7 @@ def _read_archive(archive: Path, policy: TextPolicy, skipped: Counter) -> tuple[
                                    member.size)
                     continue
                 try:
-                    report_id, text, stems = _parse_report(tar.extractfile(member).read(), policy)
+                    report_id, text, stems = _parse_or_repair(tar.extractfile(member).read(), policy, repairs)
                 except (ET.ParseError, ValueError) as err:
                     skipped["unparsable report XML"] += 1
                     logger.warning("%s: skipped %s: %s", archive.name, member.name, err)
@@ -154,13 +169,17 @@ def _detect_layout(root: Path, layout: str) -> str:
                      "found; point the path at the folder holding Open-i's files")
 
 
-def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter,
+                repairs: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
     archive = root / "NLMCXR_reports.tgz"
     png_dir = root / "NLMCXR_png"
     for required in (archive, png_dir):
         if not required.exists():
             raise InputError(f"{required}: not found; point --data at the folder holding Open-i's files")
-    reports, image_to_report = _read_archive(archive, policy, skipped)
+    reports, image_to_report = _read_archive(archive, policy, skipped, repairs)
+    if repairs:
+        logger.warning("openi: %d reports contain bytes that are not UTF-8; replaced by U+FFFD",
+                       repairs["report with invalid UTF-8 bytes replaced"])
 
     rows, unlisted = [], 0
     for png in sorted(png_dir.glob("*.png")):
@@ -177,10 +196,16 @@ def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.Da
     return reports, pd.DataFrame(rows, columns=["image_id", "image_path", "report_id"])
 
 
-def _kaggle_tables(root: Path, policy: TextPolicy, skipped: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
+def _kaggle_tables(root: Path, policy: TextPolicy, skipped: Counter,
+                   repairs: Counter) -> tuple[pd.DataFrame, pd.DataFrame]:
     section_columns = ("findings", "impression", "indication", "comparison")
     path = root / "indiana_reports.csv"
-    table = read_csv(path, ("uid", *section_columns), dtype=str, keep_default_na=False)
+    table = read_csv(path, ("uid", *section_columns), dtype=str, keep_default_na=False, encoding_errors="replace")
+    replaced = table[list(section_columns)].apply(lambda column: column.str.contains("\ufffd", regex=False)).any(axis=1)
+    if replaced.any():
+        repairs["report with invalid UTF-8 bytes replaced"] += int(replaced.sum())
+        logger.warning("openi: %d reports in %s contain bytes that are not UTF-8; replaced by U+FFFD",
+                       int(replaced.sum()), path.name)
     duplicated = table["uid"][table["uid"].duplicated()]
     if len(duplicated):
         raise InputError(f"{path}: uid {_quote(duplicated.unique().tolist())} listed more than once; keep one row per study")
@@ -227,7 +252,8 @@ def load_openi(root: str | Path, text_policy: TextPolicy = TextPolicy(), layout:
     root = Path(root)
     layout = _detect_layout(root, layout)
     skipped: Counter = Counter()
-    reports, images = (_xml_tables if layout == "xml" else _kaggle_tables)(root, text_policy, skipped)
+    repairs: Counter = Counter()
+    reports, images = (_xml_tables if layout == "xml" else _kaggle_tables)(root, text_policy, skipped, repairs)
     logger.info("openi: %s layout, %d reports, report text %s", layout, len(reports), text_policy.describe())
 
     empty = ~has_text(reports["text"])
@@ -267,6 +293,6 @@ def load_openi(root: str | Path, text_policy: TextPolicy = TextPolicy(), layout:
 
     cohort = PairedCohort(
         name="openi", images=images[["image_id", "image_path", "study_id", "patient_id", "report_id", "view"]],
-        reports=reports, label_names=CHEXPERT_LABELS, source=str(root), skipped=dict(skipped),
+        reports=reports, label_names=CHEXPERT_LABELS, source=str(root), skipped=dict(skipped), repairs=dict(repairs),
     )
     return cohort.validate()
