@@ -58,13 +58,19 @@ def test_kaggle_impression_only_policy(data_dir, tmp_path):
     assert cohort.describe()["distinct_report_texts"] < cohort.n_reports  # many identical impressions
 
 
-def test_kaggle_duplicate_uid_is_named(data_dir, tmp_path):
+def test_kaggle_study_with_two_texts_keeps_first(data_dir, tmp_path):
     root = _kaggle_copy(data_dir, tmp_path / "kaggle", images=False)
-    reports = (root / "indiana_reports.csv").read_text(encoding="utf-8").splitlines()
+    data = (root / "indiana_reports.csv").read_bytes()
     (root / "indiana_reports.csv").unlink()
-    (root / "indiana_reports.csv").write_text("\n".join([*reports, reports[1]]) + "\n", encoding="utf-8")
-    with pytest.raises(InputError, match=r"indiana_reports.csv: uid 1 listed more than once"):
-        load_openi(root)
+    extra = (b"1,normal,normal,x,synthetic indication,none,synthetic findings,synthetic impression\n"
+             b"99999,normal,normal,x,a,b,synthetic findings,synthetic impression\n"
+             b"99999,normal,normal,x,a,b,synthetic findings,synthetic impression\n")
+    (root / "indiana_reports.csv").write_bytes(data + extra)
+    cohort = load_openi(root)
+    assert cohort.repairs == {"study with two different report texts (first kept)": 1,
+                              "study listed twice with the same text (one kept)": 1}
+    assert cohort.reports.set_index("report_id").loc["CXR1", "text"] != "synthetic findings\nsynthetic impression"
+    assert cohort.n_reports == 3827
 
 
 def test_openi_layout_errors(tmp_path):

@@ -156,6 +156,23 @@ def _read_views(path: Path) -> dict[str, str]:
     return dict(zip(stems, table["projection"].fillna("unknown")))
 
 
+def _first_report_per_study(reports: pd.DataFrame, source: str, repairs: Counter) -> pd.DataFrame:
+    """Keep the first report of a study listed more than once, counting copies with a different text."""
+    repeated = reports["report_id"].duplicated(keep=False)
+    if not repeated.any():
+        return reports
+    texts = reports[repeated].groupby("report_id")["text"].nunique()
+    conflicting = texts.index[texts > 1].tolist()
+    if conflicting:
+        repairs["study with two different report texts (first kept)"] += len(conflicting)
+    same = int((texts == 1).sum())
+    if same:
+        repairs["study listed twice with the same text (one kept)"] += same
+    logger.warning("openi: %d studies are listed more than once in %s, %d of them with different texts; the first "
+                   "listing is kept: %s", len(texts), source, len(conflicting), _quote(texts.index.tolist()))
+    return reports.drop_duplicates("report_id", keep="first").reset_index(drop=True)
+
+
 def _detect_layout(root: Path, layout: str) -> str:
     if layout not in LAYOUTS:
         raise ConfigError(f"invalid Open-i layout {layout!r}; valid values: {', '.join(LAYOUTS)}")
@@ -177,6 +194,7 @@ def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter,
         if not required.exists():
             raise InputError(f"{required}: not found; point --data at the folder holding Open-i's files")
     reports, image_to_report = _read_archive(archive, policy, skipped, repairs)
+    reports = _first_report_per_study(reports, archive.name, repairs)
     if repairs:
         logger.warning("openi: %d reports contain bytes that are not UTF-8; replaced by U+FFFD",
                        repairs["report with invalid UTF-8 bytes replaced"])
@@ -206,12 +224,10 @@ def _kaggle_tables(root: Path, policy: TextPolicy, skipped: Counter,
         repairs["report with invalid UTF-8 bytes replaced"] += int(replaced.sum())
         logger.warning("openi: %d reports in %s contain bytes that are not UTF-8; replaced by U+FFFD",
                        int(replaced.sum()), path.name)
-    duplicated = table["uid"][table["uid"].duplicated()]
-    if len(duplicated):
-        raise InputError(f"{path}: uid {_quote(duplicated.unique().tolist())} listed more than once; keep one row per study")
     texts = [compose_text(dict(zip(section_columns, row)), policy, "\n".join(v for v in row if v.strip()))[0]
              for row in table[list(section_columns)].itertuples(index=False)]
     reports = pd.DataFrame({"report_id": "CXR" + table["uid"].str.strip(), "text": texts})
+    reports = _first_report_per_study(reports, path.name, repairs)
 
     projections = read_csv(root / "indiana_projections.csv", ("uid", "filename", "projection"), dtype=str)
     image_dir = root / "images_normalized"
