@@ -76,7 +76,7 @@ def _embedding_matrix(values: pd.Series, path: Path, column: str) -> np.ndarray:
         raise InputError(f"{path}: {len(missing)} rows have no {column} (first at row {missing[0]})")
     widths = {len(row) for row in rows}
     if len(widths) != 1:
-        raise InputError(f"{path}: {column} rows differ in length ({sorted(widths)[:5]}); all must have one dimension")
+        raise InputError(f"{path}: {column} rows differ in length ({sorted(widths)[:5]}); every row needs the same length")
     matrix = np.stack(rows)
     if not np.isfinite(matrix).all():
         first = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
@@ -112,7 +112,7 @@ def load_manifest(path: str | Path) -> PairedCohort:
     if "report_text" not in table.columns and not has_report_embedding:
         missing.append("report_text")
     if missing:
-        raise InputError(f"{path}: missing columns {missing}; see the manifest columns in the documentation")
+        raise InputError(f"{path}: missing columns {missing}; the manifest columns are listed in docs/datasets.md")
     if (has_report_embedding or has_image_embedding) and path.suffix.lower() != ".parquet":
         raise InputError(f"{path}: embedding columns need a Parquet manifest (lists of floats)")
     table = _as_text_ids(table.reset_index(drop=True), path)

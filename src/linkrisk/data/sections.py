@@ -7,9 +7,9 @@ Reports come either as free text with section headers (MIMIC-CXR's
 
 - the chosen sections (default findings, then impression) are joined with
   a newline, in the policy's order, leaving out missing and empty ones;
-- when none of them has text, ``fallback`` decides: ``none`` (default)
-  gives an empty text, which loaders count and skip; ``full`` uses the
-  whole report instead, and loaders count how often that happened;
+- when none of them has text, ``fallback`` decides. With ``none`` (the
+  default) the text is empty, and loaders count and skip the report. With
+  ``full`` the whole report is used, and loaders count each such report;
 - text is kept as written: whitespace inside a section and
   de-identification tokens (``___``, ``XXXX``) are not touched, only the
   ends of each section are stripped.
