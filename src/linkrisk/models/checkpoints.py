@@ -1,0 +1,56 @@
+"""Safe reading of model weights from local files.
+
+safetensors files are read as they are. Other checkpoints go through
+``torch.load(weights_only=True)``, which unpickles tensors and plain
+containers only. A pickle that would import or call anything else is
+rejected with an error naming the file, and nothing in it runs.
+"""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from linkrisk.errors import InputError
+
+# Keys under which training scripts commonly nest the weights.
+_NESTED_KEYS = ("state_dict", "model_state_dict", "model")
+
+
+def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+    """Read a state dict (name to tensor) from a ``.safetensors`` file or a weights-only torch checkpoint.
+
+    A checkpoint that nests its weights under ``state_dict``,
+    ``model_state_dict`` or ``model`` is unwrapped.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: weights file not found")
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device="cpu")
+        except (SafetensorError, OSError) as err:
+            raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+    try:
+        loaded = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        # torch 2.x names the blocked import as "GLOBAL module.name"; other unpickling errors mean damage.
+        if "GLOBAL" not in str(err):
+            raise InputError(f"{path}: not a readable torch checkpoint (the pickle data is damaged); "
+                             "download or export the weights again") from err
+        raise InputError(f"{path}: rejected, because the checkpoint is a pickle that needs more than tensors to "
+                         "load and could run code. Convert a trusted copy to safetensors and pass that instead") from err
+    except (RuntimeError, EOFError, OSError) as err:
+        raise InputError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+
+    for key in _NESTED_KEYS:
+        if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):
+            loaded = loaded[key]
+            break
+    if not isinstance(loaded, dict) or not all(isinstance(v, torch.Tensor) for v in loaded.values()):
+        raise InputError(f"{path}: expected a mapping of parameter names to tensors, got {type(loaded).__name__}")
+    return dict(loaded)
