@@ -44,7 +44,8 @@ def test_heads_reproduce_model_embeddings(tiny_folder):
         text = adapter.text_head(adapter.encode_text_features(texts))
     torch.testing.assert_close(image, expected_image, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(text, expected_text, rtol=1e-5, atol=1e-5)
-    assert adapter.embed_dim == 16 and adapter.context_length == 12
+    assert adapter.embed_dim == 16
+    assert adapter.context_length == 12
     assert isinstance(adapter.image_head, torch.nn.Linear) and isinstance(adapter.text_head, torch.nn.Linear)
 
 

@@ -96,12 +96,12 @@ class OpenClipAdapter:
 
     @torch.inference_mode()
     def encode_image_features(self, images: torch.Tensor) -> torch.Tensor:
-        """Pre-projection image features ``[B, width]`` of preprocessed images ``[B, 3, H, W]``."""
+        """Compute pre-projection image features ``[B, width]`` of preprocessed images ``[B, 3, H, W]``."""
         return self.model.visual(images)
 
     @torch.inference_mode()
     def encode_text_features(self, texts: list[str]) -> torch.Tensor:
-        """Pre-projection text features ``[B, width]``; counts reports that fill the whole context."""
+        """Compute pre-projection text features ``[B, width]``; counts reports that fill the whole context."""
         tokens = self.tokenizer(texts)
         # A row without padding was cut at the context length (or fits it exactly, which is rare).
         self._truncated += int((np.asarray(tokens)[:, -1] != 0).sum())
