@@ -52,3 +52,15 @@ def test_wrong_state_dict_is_named(tmp_path):
     torch.save({"fc.weight": torch.zeros(2, 2)}, path)
     with pytest.raises(InputError, match="other.pt: not an OpenAI CLIP ViT state dict"):
         load_chexzero(path)
+
+
+def test_registry_loads_by_name(checkpoint):
+    from linkrisk.errors import ConfigError
+    from linkrisk.models.adapters import load_adapter
+
+    _, path = checkpoint
+    assert load_adapter("CheXzero", path).embed_dim == 16
+    with pytest.raises(ConfigError, match="unknown model 'medclip'; supported: clip-vit-b-32, open-clip, hf-clip, chexzero"):
+        load_adapter("medclip", path)
+    with pytest.raises(ConfigError, match="model 'biovil' is not supported yet"):
+        load_adapter("biovil", path)

@@ -1,0 +1,57 @@
+"""Registry of model adapters: short names to loaders of local weights.
+
+Every adapter exposes ``encode_image_features`` and ``encode_text_features``
+(frozen, pre-projection), ``image_head`` and ``text_head`` (``nn.Linear``),
+the model's preprocessing and tokenizer, ``context_length`` and
+``embed_dim``. Weights always come from a local path; nothing is
+downloaded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from linkrisk.errors import ConfigError
+
+
+def _open_clip(path: Path):
+    from linkrisk.models.openclip_adapter import OpenClipAdapter
+
+    return OpenClipAdapter.from_local_dir(path)
+
+
+def _hf_clip(path: Path):
+    from linkrisk.models.hf_clip_adapter import HFClipAdapter
+
+    return HFClipAdapter.from_local_dir(path)
+
+
+def _chexzero(path: Path):
+    from linkrisk.models.chexzero_adapter import load_chexzero
+
+    return load_chexzero(path)
+
+
+# name -> (loader of a local path, what the path is)
+ADAPTERS: dict[str, tuple[Callable, str]] = {
+    "clip-vit-b-32": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights)"),
+    "open-clip": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights)"),
+    "hf-clip": (_hf_clip, "a transformers CLIPModel folder with its tokenizer and image processor"),
+    "chexzero": (_chexzero, "a CheXzero checkpoint (.pt state dict or .safetensors)"),
+}
+# NOTE: BiomedCLIP and BioViL adapters are not written yet; their names are rejected with this reason.
+_PLANNED = {"biomedclip": "its open_clip layout with a timm vision tower and an HF BERT text tower",
+            "biovil": "hi-ml-multimodal's image and text projectors"}
+
+
+def load_adapter(name: str, weights: str | Path):
+    """Load the model ``name`` from the local ``weights`` path."""
+    name = name.strip().lower()
+    if name in _PLANNED:
+        raise ConfigError(f"model {name!r} is not supported yet ({_PLANNED[name]} still needs an adapter); "
+                          f"supported: {', '.join(ADAPTERS)}")
+    if name not in ADAPTERS:
+        raise ConfigError(f"unknown model {name!r}; supported: {', '.join(ADAPTERS)}")
+    loader, _ = ADAPTERS[name]
+    return loader(Path(weights))
