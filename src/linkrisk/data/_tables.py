@@ -5,9 +5,12 @@ from __future__ import annotations
 import gzip
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from linkrisk.errors import InputError
+
+ALLOWED_LABEL_VALUES = (1.0, 0.0, -1.0)
 
 
 def read_csv(path: Path, required: tuple[str, ...] = (), **options) -> pd.DataFrame:
@@ -38,3 +41,21 @@ def read_csv(path: Path, required: tuple[str, ...] = (), **options) -> pd.DataFr
     if missing:
         raise InputError(f"{path}: missing columns {missing}; expected at least {list(required)}")
     return table
+
+
+def numeric_labels(table: pd.DataFrame, labels: tuple[str, ...], path: Path, line_offset: int | None = 2) -> None:
+    """Convert ``labels`` columns of ``table`` to floats in place, raising on any value outside 1, 0, -1, blank.
+
+    The error names the file, the column and the first bad value's place:
+    ``line = row + line_offset`` for a CSV with a header (offset 2), or the
+    0-based row when ``line_offset`` is None.
+    """
+    for label in labels:
+        values = pd.to_numeric(table[label], errors="coerce")
+        bad = (values.isna() & table[label].notna()) | ~(values.isna() | values.isin(ALLOWED_LABEL_VALUES))
+        if bad.any():
+            row = int(np.flatnonzero(bad.to_numpy())[0])
+            where = f"row {row}" if line_offset is None else f"line {row + line_offset}"
+            raise InputError(f"{path}: column {label!r} has {int(bad.sum())} values outside {{1, 0, -1, blank}} "
+                             f"(first at {where}: {table[label].iloc[row]!r})")
+        table[label] = values

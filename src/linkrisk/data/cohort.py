@@ -28,6 +28,7 @@ import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
+from linkrisk.data._tables import ALLOWED_LABEL_VALUES
 from linkrisk.errors import InputError
 
 CHEXPERT_LABELS: tuple[str, ...] = (
@@ -49,7 +50,6 @@ CHEXPERT_LABELS: tuple[str, ...] = (
 
 IMAGE_COLUMNS: tuple[str, ...] = ("image_id", "image_path", "study_id", "patient_id", "report_id", "view")
 REPORT_COLUMNS: tuple[str, ...] = ("report_id", "text")
-ALLOWED_LABEL_VALUES = (1.0, 0.0, -1.0)
 
 # At most this many offending ids are quoted in one error message.
 _MAX_QUOTED = 5

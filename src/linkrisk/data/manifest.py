@@ -37,8 +37,8 @@ import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
-from linkrisk.data._tables import read_csv
-from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote, has_text
+from linkrisk.data._tables import numeric_labels, read_csv
+from linkrisk.data.cohort import CHEXPERT_LABELS, PairedCohort, _quote, has_text
 from linkrisk.errors import InputError
 
 REQUIRED_COLUMNS = ("image_id", "patient_id", "report_id")
@@ -86,14 +86,7 @@ def _embedding_matrix(values: pd.Series, path: Path, column: str) -> np.ndarray:
 
 def _labels(table: pd.DataFrame, path: Path) -> tuple[str, ...]:
     names = tuple(label for label in CHEXPERT_LABELS if label in table.columns)
-    for label in names:
-        values = pd.to_numeric(table[label], errors="coerce")
-        bad = (values.isna() & table[label].notna()) | ~(values.isna() | values.isin(ALLOWED_LABEL_VALUES))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(f"{path}: column {label!r} has {int(bad.sum())} values outside {{1, 0, -1, blank}} "
-                             f"(first at row {row}: {table[label].iloc[row]!r})")
-        table[label] = values
+    numeric_labels(table, names, path, line_offset=None)
     return names
 
 

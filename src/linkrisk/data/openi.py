@@ -40,8 +40,8 @@ import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
-from linkrisk.data._tables import read_csv
-from linkrisk.data.cohort import ALLOWED_LABEL_VALUES, CHEXPERT_LABELS, PairedCohort, _quote, has_text
+from linkrisk.data._tables import numeric_labels, read_csv
+from linkrisk.data.cohort import CHEXPERT_LABELS, PairedCohort, _quote, has_text
 from linkrisk.data.sections import TextPolicy, compose_text
 from linkrisk.errors import ConfigError, InputError
 
@@ -137,14 +137,7 @@ def _read_labels(path: Path) -> pd.DataFrame:
     duplicated = table["uid"][table["uid"].duplicated()]
     if len(duplicated):
         raise InputError(f"{path}: uid {_quote(duplicated.unique().tolist())} listed more than once; keep one row per study")
-    for label in CHEXPERT_LABELS:
-        values = pd.to_numeric(table[label], errors="coerce")
-        bad = (values.isna() & table[label].notna()) | ~(values.isna() | values.isin(ALLOWED_LABEL_VALUES))
-        if bad.any():
-            row = int(np.flatnonzero(bad.to_numpy())[0])
-            raise InputError(f"{path}: column {label!r} has {int(bad.sum())} values outside {{1, 0, -1, blank}} "
-                             f"(first at line {row + 2}: {table[label].iloc[row]!r})")
-        table[label] = values
+    numeric_labels(table, CHEXPERT_LABELS, path)
     table["report_id"] = "CXR" + table["uid"].str.strip()
     return table[["report_id", *CHEXPERT_LABELS]]
 
