@@ -1,10 +1,10 @@
 """Cost of the full audit against the matmul floor, Monte Carlo pools and a CLIP-benchmark-style evaluation.
 
-Synthetic cohort (seeded): M reports as random unit vectors in d
-dimensions; each image is its report plus Gaussian noise, re-normalised
-(the planted true-pair signal); about 200 label groups of 14 CheXpert-style
-observations with Zipf-like sizes; three images' worth of patients per
-patient id on average. Every part runs in its own child process, one after
+Synthetic cohort (seeded): M reports are random unit vectors in d
+dimensions. Each image is its report plus Gaussian noise, re-normalised,
+which plants the true-pair signal. About 200 label groups of 14
+CheXpert-style observations have Zipf-like sizes, and a patient id has
+three images on average. Every part runs in its own child process, one after
 the other in one invocation, so times are side by side and each peak RSS
 belongs to one part:
 

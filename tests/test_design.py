@@ -30,7 +30,8 @@ def real_pairing(covid):
     report_ids = list(dict.fromkeys(chosen["report_id"]))
     report_row = chosen["report_id"].map({r: i for i, r in enumerate(report_ids)}).to_numpy()
     patients = chosen["patient_id"].astype(str).to_numpy()
-    assert len(report_ids) == 8 and len(chosen) > 8  # two or more images share at least one report
+    assert len(report_ids) == 8
+    assert len(chosen) > 8  # two or more images share at least one report
     return report_row, patients, len(report_ids)
 
 
@@ -113,7 +114,8 @@ def test_design_reports_what_it_did(real_pairing):
                        pools=["full"], ks=[1], n_boot=20)
     assert result["direction"] == "report_to_image"
     assert result["candidate_unit"] == "study (best-scoring image)"
-    assert result["n_queries"] == n_reports and result["n_candidate_rows"] == len(report_row)
+    assert result["n_queries"] == n_reports
+    assert result["n_candidate_rows"] == len(report_row)
 
 
 def test_design_rejects_contradictions(real_pairing):
@@ -148,7 +150,7 @@ def test_sample_pools_draw_distinct_uniform_indices():
 
 
 @pytest.mark.parametrize("cohort, heads", [("covid_test", "original"), ("openi", "original")])
-def test_monte_carlo_agrees_with_closed_form_on_real_embeddings(demo_run, cohort, heads):
+def test_monte_carlo_matches_closed_form(demo_run, cohort, heads):
     out, results = demo_run
     run = next(r for r in results["runs"] if r["cohort"] == cohort and r["heads"] == heads
                and r["negatives"] == "random" and r.get("view") != "extra")

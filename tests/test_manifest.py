@@ -32,7 +32,8 @@ def test_csv_manifest_round_trips_real_cohort(covid, tmp_path):
     assert (cohort.n_images, cohort.n_reports, cohort.n_patients) == (covid.n_images, covid.n_reports, covid.n_patients)
     texts = cohort.reports.set_index("report_id")["text"]
     assert (texts.loc[covid.reports["report_id"]].to_numpy() == covid.reports["text"].to_numpy()).all()
-    assert cohort.skipped == {} and cohort.repairs == {}
+    assert cohort.skipped == {}
+    assert cohort.repairs == {}
 
 
 def test_manifest_messy_rows_are_counted(covid, tmp_path):
@@ -78,7 +79,8 @@ def test_parquet_manifest_with_embeddings_audits(tmp_path):
                              "--json", str(out)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
     audit = json.loads(out.read_text())
-    assert audit["n_queries"] == n and audit["n_candidates"] == n
+    assert audit["n_queries"] == n
+    assert audit["n_candidates"] == n
     assert audit["recall"][0]["value"] > 0.5  # the planted pairs are close
     matched = subprocess.run([*LINKRISK, "audit", f"manifest:{path}", "--negatives", "label-matched", "--n-boot", "50"],
                              capture_output=True, text=True, timeout=120)

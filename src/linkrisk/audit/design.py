@@ -1,4 +1,4 @@
-"""Who queries whom: direction, hit level, image level and merged texts, from one set of paired embeddings.
+"""Audit designs: the direction, hit level, image level and merged texts of one set of paired embeddings.
 
 An audit design turns image and report embeddings plus their pairing
 into queries, candidates, candidate *units* and each query's true unit:
@@ -106,7 +106,7 @@ def _factorize(keys: np.ndarray) -> np.ndarray:
 
 
 def _merged_labels(labels: np.ndarray | None, unit: np.ndarray, n_units: int) -> np.ndarray | None:
-    """One label vector per merged unit: that of its first labelled row; rows without any label do not vote."""
+    """Give each merged unit the label vector of its first labelled row; rows without any label do not vote."""
     if labels is None:
         return None
     labelled = ~np.isnan(labels).all(axis=1)
@@ -220,7 +220,7 @@ def _image_to_report(p: _Pairing, level: str, image_level: str, merge_identical:
 
 
 def _report_to_image(p: _Pairing, level: str, image_level: str) -> AuditDesign:
-    """Every report with images queries for them."""
+    """Build report queries (every report with images) against image candidates."""
     queries = p.report[p.studies]
     query_patients = p.report_patient[p.studies].astype(str)
     query_ids = p.studies.astype(str)

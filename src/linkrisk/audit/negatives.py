@@ -127,7 +127,7 @@ def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: n
     ``e`` tied others) and ``n`` candidates are drawn from ring ``D`` (size
     ``R``, ``a_D`` above, ``e_D`` tied). With ``x`` above and ``y`` tied
     drawn, the true candidate is among the top ``K`` when fewer than ``K``
-    candidates precede it; under random ties its position among its
+    candidates precede it. Under random ties its position among its
     ``e + y + 1`` tied candidates is uniform, so
     ``P = sum_{x,y} pmf(x, y) * clip(K - a - x, 0, e + y + 1) / (e + y + 1)``.
     """

@@ -260,7 +260,9 @@ def stream_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.nd
     whole_groups = labelled and not rings and bool(
         (layout.distance != 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
     self_match = layout.distance.diagonal() == 0 if labelled else None
-    n_rings = (int(layout.distance.max()) + 1 if rings else 1) if labelled else 0
+    n_rings = 0
+    if labelled:
+        n_rings = int(layout.distance.max()) + 1 if rings else 1
 
     if block_size is None:
         row_bytes = 4 * (len(layout.scored) + len(candidates) + n_units) + 2 * n_units

@@ -150,8 +150,8 @@ def load_manifest(path: str | Path) -> PairedCohort:
             image_rows = image_rows[~absent]
     else:
         # Embedding-only images have no file; the path names where the vector came from.
-        given = image_rows.get("image_path", pd.Series("", index=image_rows.index)).fillna("")
-        image_rows["image_path"] = np.where(given == "", f"{path}#image_embedding", given)
+        listed_paths = image_rows.get("image_path", pd.Series("", index=image_rows.index)).fillna("")
+        image_rows["image_path"] = np.where(listed_paths == "", f"{path}#image_embedding", listed_paths)
     reports = reports[~empty].reset_index(drop=True)
 
     images = pd.DataFrame({
