@@ -1,4 +1,4 @@
-"""Command-line interface: ``linkrisk demo`` and ``linkrisk audit``.
+"""Command-line interface: ``linkrisk demo``, ``audit``, ``embed`` and ``data describe``.
 
 A :class:`~linkrisk.errors.LinkriskError` is printed as one line on
 standard error with exit status 2; no traceback reaches the user for an
@@ -213,6 +213,52 @@ def audit(
             write_json(json_out, result)
         except OSError as err:
             _fail_io(err)
+
+
+@app.command()
+def embed(
+    model: Annotated[str, typer.Option(help="Model adapter name: clip-vit-b-32, open-clip, hf-clip, chexzero, reference or precomputed (see docs/models.md).")],
+    weights: Annotated[Path, typer.Option(help="Local weights file or folder of the model (nothing is downloaded).")],
+    dataset: Annotated[str, typer.Option(help="Dataset as NAME:PATH, e.g. covid:../shared/data/covid-chestxray.")],
+    out: Annotated[Path, typer.Option(help="Output folder: features, ids, heads, projected embeddings, embed.json and cache/.")],
+    text_policy: Annotated[Optional[str], typer.Option(help="Report sections forming the text, e.g. findings+impression or impression,fallback=full.")] = None,
+    device: Annotated[str, typer.Option(help="Torch device of the forward pass: cpu, cuda, cuda:1, mps.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on a GPU.")] = "fp32",
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward pass.")] = 32,
+    text_batch_size: Annotated[int, typer.Option(min=1, help="Reports per forward pass.")] = 64,
+    chunk_size: Annotated[int, typer.Option(min=1, help="Images (and reports) per cache chunk; a killed run recomputes at most one chunk.")] = 512,
+    workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images (0: decode in the main process).")] = 2,
+    allow_download: Annotated[bool, typer.Option(help="Let Hugging Face libraries reach the network for missing files (default: offline).")] = False,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
+) -> None:
+    """Embed a dataset's images and reports with a model's frozen towers; cached in chunks and resumable."""
+    _setup_logging(quiet)
+    if not allow_download:
+        # HF_HUB_OFFLINE semantics by default: no library may fetch files behind the user's back.
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    from linkrisk.data.registry import load_dataset
+    from linkrisk.data.sections import TextPolicy
+    from linkrisk.models.adapters import load_adapter
+    from linkrisk.models.embed import PRECISIONS, EmbedConfig, embed_cohort, hash_weights
+
+    try:
+        config = EmbedConfig(batch_size=batch_size, text_batch_size=text_batch_size, chunk_size=chunk_size,
+                             workers=workers, device=_device(device),
+                             precision=_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
+        cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
+        adapter = load_adapter(model, weights)
+        summary = embed_cohort(adapter, cohort, out, config,
+                               {"model": model, "weights": str(weights), "weights_sha256": hash_weights(weights)})
+    except LinkriskError as err:
+        _fail(err)
+    except (OSError, EOFError) as err:
+        _fail_io(err)
+    counts = summary["dataset"]
+    Console(soft_wrap=True).print(
+        f"{counts['name']}: {counts['n_images']} images and {counts['n_reports']} reports embedded into {out} "
+        f"(features {summary['model']['image_feature_shape']} / {summary['model']['text_feature_dim']}, "
+        f"embeddings {summary['model']['embed_dim']}-d); audit with: linkrisk audit {out}")
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -17,12 +17,12 @@ class ImageReadError(Exception):
     """An image file that cannot be decoded; ``str()`` names the file and the cause."""
 
 
-def load_grayscale(path: str | Path, size: int) -> np.ndarray:
-    """Decode one image to a ``[size, size]`` float32 array in [0, 1].
+def read_image(path: str | Path) -> Image.Image:
+    """Decode one image file into a PIL image in mode ``L`` (8-bit luminance) or ``F``.
 
-    Colour, alpha and palette images are converted to luminance; 16-bit
-    and 32-bit integer images are scaled by their maximum. The image is
-    resized to a square (bilinear) without keeping the aspect ratio.
+    Colour, alpha and palette images are converted to luminance. 16-bit
+    and 32-bit integer images become mode ``F`` scaled by their maximum
+    into [0, 1], so no precision is lost before resizing.
 
     Raises:
         ImageReadError: missing, truncated, undecodable or oversized file.
@@ -37,14 +37,38 @@ def load_grayscale(path: str | Path, size: int) -> np.ndarray:
                 img.load()
                 if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                     array = np.asarray(img, dtype=np.float32)
-                    array = array / max(float(array.max()), 1.0)
-                else:
-                    array = np.asarray(img.convert("L"), dtype=np.float32) / 255.0
+                    return Image.fromarray(array / max(float(array.max()), 1.0), mode="F")
+                return img.convert("L")
     except FileNotFoundError as err:
         raise ImageReadError(f"{path}: file not found") from err
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as err:
         raise ImageReadError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from err
 
+
+def to_8bit(image: Image.Image) -> Image.Image:
+    """Return a mode ``L`` image; a mode ``F`` image in [0, 1] is rounded to 0-255."""
+    if image.mode == "L":
+        return image
+    array = np.clip(np.asarray(image, dtype=np.float32) * 255.0 + 0.5, 0, 255).astype(np.uint8)
+    return Image.fromarray(array, mode="L")
+
+
+def grayscale_array(image: Image.Image, size: int) -> np.ndarray:
+    """Resize an ``L`` or ``F`` image (bilinear, aspect ratio not kept) to a ``[size, size]`` float32 array in [0, 1]."""
+    array = np.asarray(image, dtype=np.float32)
+    if image.mode == "L":
+        array = array / 255.0
     resized = Image.fromarray(array, mode="F").resize((size, size), Image.Resampling.BILINEAR)
     return np.asarray(resized, dtype=np.float32)
+
+
+def load_grayscale(path: str | Path, size: int) -> np.ndarray:
+    """Decode one image (:func:`read_image`) to a ``[size, size]`` float32 array in [0, 1].
+
+    The image is resized to a square (bilinear) without keeping the aspect ratio.
+
+    Raises:
+        ImageReadError: missing, truncated, undecodable or oversized file.
+    """
+    return grayscale_array(read_image(path), size)

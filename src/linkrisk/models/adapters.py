@@ -27,6 +27,18 @@ def _hf_clip(path: Path):
     return HFClipAdapter.from_local_dir(path)
 
 
+def _reference(path: Path):
+    from linkrisk.models.reference_adapter import ReferenceAdapter
+
+    return ReferenceAdapter(path)
+
+
+def _precomputed(path: Path):
+    from linkrisk.models.precomputed import PrecomputedAdapter
+
+    return PrecomputedAdapter(path)
+
+
 def _chexzero(path: Path):
     from linkrisk.models.chexzero_adapter import load_chexzero
 
@@ -39,6 +51,8 @@ ADAPTERS: dict[str, tuple[Callable, str]] = {
     "open-clip": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights)"),
     "hf-clip": (_hf_clip, "a transformers CLIPModel folder with its tokenizer and image processor"),
     "chexzero": (_chexzero, "a CheXzero checkpoint (.pt state dict or .safetensors)"),
+    "reference": (_reference, "a heads folder written by linkrisk demo (runs/demo/models/original)"),
+    "precomputed": (_precomputed, "a folder of embeddings made elsewhere (layout: docs/models.md)"),
 }
 # NOTE: BiomedCLIP and BioViL adapters are not written yet; their names are rejected with this reason.
 _PLANNED = {"biomedclip": "its open_clip layout with a timm vision tower and an HF BERT text tower",

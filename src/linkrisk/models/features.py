@@ -31,7 +31,7 @@ def _chunk_key(encoder_config: dict, items: Sequence[str]) -> str:
     return digest.hexdigest()[:24]
 
 
-def _file_stamp(image_id: str, path: str) -> str:
+def file_stamp(image_id: str, path: str) -> str:
     try:
         stat = Path(path).stat()
         return f"{image_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}"
@@ -39,7 +39,7 @@ def _file_stamp(image_id: str, path: str) -> str:
         return f"{image_id}|{path}|missing"
 
 
-def _save_chunk(path: Path, **arrays: np.ndarray) -> None:
+def save_chunk(path: Path, **arrays: np.ndarray) -> None:
     def write(tmp: Path) -> None:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -47,7 +47,7 @@ def _save_chunk(path: Path, **arrays: np.ndarray) -> None:
     atomic_write(path, write)
 
 
-def _load_chunk(path: Path) -> dict[str, np.ndarray] | None:
+def load_chunk(path: Path) -> dict[str, np.ndarray] | None:
     """Read a cached chunk; a damaged one is logged and treated as missing, so it is recomputed."""
     try:
         with np.load(path, allow_pickle=False) as stored:
@@ -65,13 +65,13 @@ def _run_chunks(n: int, chunk_size: int, description: str, key_of: Callable[[sli
         task = bar.add_task(description, total=n)
         for chunk in chunks:
             path = cache / f"{key_of(chunk)}.npz"
-            stored = _load_chunk(path) if path.exists() else None
+            stored = load_chunk(path) if path.exists() else None
             if stored is not None:
                 results.append(stored)
                 reused += 1
             else:
                 arrays = compute(chunk)
-                _save_chunk(path, **arrays)
+                save_chunk(path, **arrays)
                 results.append(arrays)
             bar.advance(task, chunk.stop - chunk.start)
     logger.info("%s: %d chunks, %d reused from cache %s", description, len(chunks), reused, cache)
@@ -91,7 +91,7 @@ def embed_images(cohort: PairedCohort, encoder: ImageEncoder, cache_dir: Path, c
     cache = Path(cache_dir) / "features" / encoder.name
     ids = cohort.images["image_id"].tolist()
     paths = cohort.images["image_path"].tolist()
-    stamps = [_file_stamp(i, p) for i, p in zip(ids, paths)]
+    stamps = [file_stamp(i, p) for i, p in zip(ids, paths)]
 
     def compute(chunk: slice) -> dict[str, np.ndarray]:
         pixels = np.zeros((chunk.stop - chunk.start, encoder.image_size, encoder.image_size), np.float32)

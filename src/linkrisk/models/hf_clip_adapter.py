@@ -38,12 +38,26 @@ def _check_folder(folder: Path) -> None:
                          "model folder too")
 
 
+class _ProcessorPreprocess:
+    """Apply a CLIP image processor to one PIL image: ``[3, H, W]`` float tensor."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, image) -> torch.Tensor:
+        return self.processor(images=image.convert("RGB"), return_tensors="pt")["pixel_values"][0]
+
+    def __repr__(self) -> str:
+        return f"CLIPImageProcessor({self.processor.to_json_string()})"
+
+
 class HFClipAdapter:
     """A frozen transformers CLIP model split into towers and ``nn.Linear`` heads.
 
     Attributes:
         image_head, text_head: trainable copies of ``visual_projection`` and ``text_projection``.
-        processor: the model's image processor; tokenizer: its tokenizer.
+        processor: the model's image processor; preprocess: it applied to one PIL image.
+        tokenizer: the model's tokenizer.
         context_length: text tokens per report; longer reports are truncated.
         embed_dim: dimension of the projected embeddings.
     """
@@ -58,6 +72,7 @@ class HFClipAdapter:
         self.context_length = int(model.config.text_config.max_position_embeddings)
         self.embed_dim = int(self.image_head.out_features)
         self._truncated = 0
+        self.preprocess = _ProcessorPreprocess(processor)
 
     @classmethod
     def from_local_dir(cls, folder: str | Path) -> "HFClipAdapter":
@@ -83,7 +98,7 @@ class HFClipAdapter:
         lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False)["input_ids"]]
         self._truncated += sum(length > self.context_length for length in lengths)
         tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.context_length,
-                                return_tensors="pt")
+                                return_tensors="pt").to(self.model.device)
         return self.model.text_model(input_ids=tokens["input_ids"],
                                      attention_mask=tokens["attention_mask"]).pooler_output
 

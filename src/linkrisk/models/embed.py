@@ -1,0 +1,395 @@
+"""The embedding run: a model's frozen towers over a cohort, cached in chunks, then projected.
+
+:func:`embed_cohort` computes pre-projection features of every image and
+report once and writes them with ids, the model's heads and the projected
+embeddings into one folder, which ``linkrisk audit`` reads directly and
+the ``precomputed`` adapter reads as input.
+
+Cache: ``<out>/cache/<model key>/{images,reports}/<chunk key>.npz``. The
+model key hashes the adapter name, the weights' SHA-256, the image
+preprocessing, the tokenizer settings and the precision. A chunk key
+hashes the model key and the chunk's rows: image id, path, byte size and
+modification time, or report id and text. Chunks are written atomically
+(temp file and rename), so a killed run resumes at the first chunk not
+yet on disk and recomputes at most the chunk it was working on. Batches
+never straddle chunks, so a chunk always sees the same batches and the
+resumed result is byte-identical to an uninterrupted run on the same
+device, batch size and library versions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime
+import hashlib
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from rich.text import Text
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from linkrisk import __version__
+from linkrisk._io import atomic_write, write_json, write_npy
+from linkrisk._logging import logger, stage
+from linkrisk.data.cohort import PairedCohort
+from linkrisk.data.images import ImageReadError, read_image, to_8bit
+from linkrisk.errors import ConfigError, InputError
+from linkrisk.models.features import file_stamp, load_chunk, save_chunk
+from linkrisk.models.head_io import save_heads
+from linkrisk.models.precomputed import PrecomputedAdapter
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class EmbedConfig:
+    """Options of :func:`embed_cohort`; all of them are written to ``embed.json``.
+
+    Attributes:
+        batch_size: images per forward pass.
+        text_batch_size: reports per forward pass.
+        chunk_size: images (and reports) per cache chunk; a killed run loses at most one chunk.
+        workers: DataLoader worker processes decoding and resizing images (0: in the main process).
+        device: torch device of the forward pass (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
+        precision: ``fp32``, or ``bf16`` / ``fp16`` autocast on a GPU.
+        progress: show progress bars with rates and remaining time.
+    """
+
+    batch_size: int = 32
+    text_batch_size: int = 64
+    chunk_size: int = 512
+    workers: int = 2
+    device: str = "cpu"
+    precision: str = "fp32"
+    progress: bool = True
+
+    def validate(self) -> "EmbedConfig":
+        """Check ranges and the precision-device pairing; raise :class:`ConfigError` naming the option."""
+        for name in ("batch_size", "text_batch_size", "chunk_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.workers < 0:
+            raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"invalid precision {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
+        if self.precision != "fp32" and torch.device(self.device).type == "cpu":
+            raise ConfigError(f"precision {self.precision} is autocast for GPUs; use fp32 on cpu")
+        return self
+
+
+def hash_weights(path: str | Path) -> str:
+    """Return the SHA-256 (hex) of a weights file, or of every file in a folder (relative names and contents)."""
+    path = Path(path)
+    if path.is_file():
+        files = [path]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    else:
+        raise InputError(f"{path}: weights not found; pass a local file or folder")
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def _key(*parts: str) -> str:
+    digest = hashlib.sha256()
+    for part in parts:
+        digest.update(part.encode("utf-8", "surrogatepass") + b"\0")
+    return digest.hexdigest()
+
+
+def model_key(adapter, weights_sha256: str, precision: str) -> str:
+    """Hash what determines the features: adapter name, weights, preprocessing, tokenizer, precision."""
+    tokenizer = adapter.tokenizer
+    tokenizer_text = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}" if tokenizer else ""
+    extra = repr(getattr(adapter, "config", ""))
+    return _key(type(adapter).__name__, weights_sha256, repr(adapter.preprocess), tokenizer_text,
+                str(adapter.context_length), precision, extra)[:16]
+
+
+class _RateColumn(ProgressColumn):
+    """Items per second of a task, with the item's name."""
+
+    def __init__(self, unit: str):
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s")
+
+
+def _progress(enabled: bool, unit: str) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
+                    TimeRemainingColumn(), disable=not enabled, transient=True)
+
+
+class _ImageFiles(Dataset):
+    """Decode and preprocess one image per item; a file that fails yields its error message instead."""
+
+    def __init__(self, paths: list[str], preprocess, float_input: bool):
+        self.paths = paths
+        self.preprocess = preprocess
+        self.float_input = float_input
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int):
+        try:
+            image = read_image(self.paths[index])
+            return index, self.preprocess(image if self.float_input else to_8bit(image)), ""
+        except ImageReadError as err:
+            return index, None, str(err)
+        except (OSError, ValueError) as err:
+            return index, None, f"{self.paths[index]}: preprocessing failed ({type(err).__name__}: {err})"
+
+
+def _collate(items):
+    indices = [index for index, _, _ in items]
+    tensors = [tensor for _, tensor, _ in items if tensor is not None]
+    errors = [error for _, _, error in items]
+    return indices, (torch.stack(tensors) if tensors else None), errors
+
+
+def _worker_init(_: int) -> None:
+    # Decoding workers run one thread each; the forward pass keeps the process's threads.
+    torch.set_num_threads(1)
+
+
+def _autocast(device: str, precision: str):
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
+    return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
+
+
+def _chunks(n: int, size: int) -> list[range]:
+    return [range(start, min(start + size, n)) for start in range(0, n, size)]
+
+
+@dataclasses.dataclass
+class _ChunkStore:
+    """The chunk files of one side (images or reports) under one model key."""
+
+    folder: Path
+    keys: list[str]
+
+    def path(self, chunk: int) -> Path:
+        return self.folder / f"{self.keys[chunk]}.npz"
+
+    def load(self, chunk: int) -> dict[str, np.ndarray] | None:
+        path = self.path(chunk)
+        return load_chunk(path) if path.exists() else None
+
+
+def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
+    chunks = _chunks(cohort.n_images, config.chunk_size)
+    stored = [store.load(i) for i in range(len(chunks))]
+    missing = [i for i, chunk in enumerate(stored) if chunk is None]
+    logger.info("image features: %d chunks, %d reused from %s, %d to compute", len(chunks),
+                len(chunks) - len(missing), store.folder, len(missing))
+    if not missing:
+        return stored, {"total": len(chunks), "reused": len(chunks), "computed": 0}
+
+    batches = [list(chunks[i][start:start + config.batch_size])
+               for i in missing for start in range(0, len(chunks[i]), config.batch_size)]
+    dataset = _ImageFiles(cohort.images["image_path"].tolist(), adapter.preprocess,
+                          getattr(adapter, "accepts_float_images", False))
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if config.workers else None,
+                        pin_memory=torch.device(config.device).type == "cuda")
+    pending = {i: {"features": [], "ok": np.zeros(len(chunks[i]), bool), "errors": [""] * len(chunks[i]),
+                   "left": len(chunks[i])} for i in missing}
+    chunk_of = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
+
+    with _progress(config.progress, "images") as bar:
+        task = bar.add_task(f"{cohort.name}: image features", total=sum(len(chunks[i]) for i in missing))
+        for indices, pixels, errors in loader:
+            chunk = int(chunk_of[indices[0]])
+            state = pending[chunk]
+            offsets = [index - chunks[chunk].start for index in indices]
+            if pixels is not None:
+                with _autocast(config.device, config.precision):
+                    features = adapter.encode_image_features(pixels.to(config.device, non_blocking=True))
+                state["features"].append(features.float().cpu().numpy())
+            for offset, error in zip(offsets, errors):
+                state["ok"][offset] = not error
+                state["errors"][offset] = error
+            state["left"] -= len(indices)
+            if state["left"] == 0:
+                arrays = {"ok": state["ok"], "errors": np.asarray(state["errors"], dtype=str)}
+                if state["features"]:
+                    arrays["features"] = np.concatenate(state["features"])
+                save_chunk(store.path(chunk), **arrays)
+                stored[chunk] = arrays
+                del pending[chunk]
+            bar.advance(task, len(indices))
+    return stored, {"total": len(chunks), "reused": len(chunks) - len(missing), "computed": len(missing)}
+
+
+def _embed_reports(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
+    texts = cohort.reports["text"].tolist()
+    chunks = _chunks(len(texts), config.chunk_size)
+    stored = [store.load(i) for i in range(len(chunks))]
+    missing = [i for i, chunk in enumerate(stored) if chunk is None]
+    logger.info("report features: %d chunks, %d reused from %s, %d to compute", len(chunks),
+                len(chunks) - len(missing), store.folder, len(missing))
+    with _progress(config.progress and bool(missing), "reports") as bar:
+        task = bar.add_task(f"{cohort.name}: report features", total=sum(len(chunks[i]) for i in missing))
+        for i in missing:
+            parts = []
+            for start in range(chunks[i].start, chunks[i].stop, config.text_batch_size):
+                batch = texts[start:min(start + config.text_batch_size, chunks[i].stop)]
+                with _autocast(config.device, config.precision):
+                    parts.append(adapter.encode_text_features(batch).float().cpu().numpy())
+                bar.advance(task, len(batch))
+            stored[i] = {"features": np.concatenate(parts)}
+            save_chunk(store.path(i), **stored[i])
+    adapter.warn_truncated()
+    return stored, {"total": len(chunks), "reused": len(chunks) - len(missing), "computed": len(missing)}
+
+
+def _assemble_images(stored: list[dict], cohort: PairedCohort) -> tuple[np.ndarray, PairedCohort, dict[str, int]]:
+    """Join the image chunks; drop and count the images that failed to decode."""
+    ok = np.concatenate([chunk["ok"] for chunk in stored]) if stored else np.zeros(0, bool)
+    errors = np.concatenate([chunk["errors"] for chunk in stored]) if stored else np.zeros(0, str)
+    parts = [chunk["features"] for chunk in stored if "features" in chunk]
+    if not parts:
+        raise InputError(f"cohort {cohort.name!r} ({cohort.source}): none of its {cohort.n_images} images could be "
+                         f"decoded; first error: {errors[0] if len(errors) else 'no images'}")
+    features = np.concatenate(parts)
+    for message in errors[~ok][:20]:
+        logger.warning("%s: image skipped: %s", cohort.name, message)
+    if (~ok).sum() > 20:
+        logger.warning("%s: %d more images skipped (not listed)", cohort.name, int((~ok).sum()) - 20)
+    failed_ids = cohort.images["image_id"].to_numpy()[~ok].tolist()
+    return features, cohort.drop_images(failed_ids, "unreadable image file"), {"unreadable image file": len(failed_ids)}
+
+
+def _project(head: nn.Module, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Apply a head on CPU and L2-normalise the rows; float32 ``[n, embed_dim]``."""
+    head = head.eval().cpu()
+    out = []
+    with torch.inference_mode():
+        for start in range(0, len(features), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(features[start:start + batch_size], dtype=np.float32))
+            out.append(nn.functional.normalize(head(batch).float(), dim=-1).numpy())
+    return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def _move(adapter, device: str) -> None:
+    if hasattr(adapter, "to"):
+        adapter.to(device)
+        return
+    for name in ("model", "image_model", "text_model"):
+        module = getattr(adapter, name, None)
+        if isinstance(module, nn.Module):
+            module.to(device)
+
+
+def _write_outputs(out: Path, cohort: PairedCohort, image_features: np.ndarray, report_features: np.ndarray,
+                   adapter, metadata: dict) -> None:
+    """Write features, id tables, heads, projected embeddings and the audit pairing into ``out``."""
+    write_npy(out / "image_features.npy", image_features)
+    write_npy(out / "report_features.npy", report_features)
+    images = cohort.images[["image_id", "study_id", "patient_id", "report_id", "view"]]
+    atomic_write(out / "images.parquet", lambda tmp: images.to_parquet(tmp, index=False))
+    reports = cohort.reports[["report_id", *cohort.label_names]]
+    atomic_write(out / "reports.parquet", lambda tmp: reports.to_parquet(tmp, index=False))
+
+    position = pd.Series(np.arange(cohort.n_reports), index=cohort.reports["report_id"].values)
+    pairs = pd.DataFrame({"image_id": images["image_id"].values,
+                          "report_row": position.loc[images["report_id"].values].to_numpy().astype(np.int64),
+                          "patient_id": images["patient_id"].astype(str).values})
+    atomic_write(out / "pairs.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
+
+    save_heads(out, adapter.image_head, adapter.text_head, {"model": metadata["model"]})
+    write_npy(out / "image.npy", _project(adapter.image_head, image_features))
+    write_npy(out / "report.npy", _project(adapter.text_head, report_features))
+
+
+def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedConfig | None = None,
+                 model: dict | None = None) -> dict:
+    """Embed every image and report of ``cohort`` with ``adapter`` into the folder ``out``.
+
+    Args:
+        adapter: a model adapter (:mod:`linkrisk.models.adapters`) or a
+            :class:`~linkrisk.models.precomputed.PrecomputedAdapter`.
+        cohort: the paired cohort; unreadable images are dropped and counted.
+        out: output folder (created); ``out/cache`` holds the resumable chunks.
+        config: batch sizes, chunk size, workers, device and precision.
+        model: model name, weights path and ``weights_sha256`` for the cache key and ``embed.json``.
+
+    Returns:
+        The summary written to ``out/embed.json``: model, dataset, counts, chunks reused and computed, timings.
+    """
+    config = (config or EmbedConfig()).validate()
+    model = dict(model or {})
+    out = Path(out)
+    started = datetime.datetime.now(datetime.timezone.utc)
+    clock = time.perf_counter()
+    cohort.validate()
+
+    if isinstance(adapter, PrecomputedAdapter):
+        with stage(f"{cohort.name}: look up precomputed features"):
+            image_features = adapter.image_features_for(cohort.images["image_id"])
+            report_features = adapter.report_features_for(cohort.reports["report_id"])
+        chunks, skipped, key = {}, {}, None
+    else:
+        key = model_key(adapter, model.get("weights_sha256", ""), config.precision)
+        cache = out / "cache" / key
+        _move(adapter, config.device)
+        with stage(f"{cohort.name}: image features ({cohort.n_images} images)"):
+            keys = [_key(key, *(file_stamp(i, p) for i, p in zip(cohort.images["image_id"].iloc[list(c)],
+                                                                  cohort.images["image_path"].iloc[list(c)])))[:24]
+                    for c in _chunks(cohort.n_images, config.chunk_size)]
+            stored, image_chunks = _embed_images(adapter, cohort, _ChunkStore(cache / "images", keys), config)
+            image_features, cohort, skipped = _assemble_images(stored, cohort)
+        with stage(f"{cohort.name}: report features ({cohort.n_reports} reports)"):
+            ids, texts = cohort.reports["report_id"].tolist(), cohort.reports["text"].tolist()
+            keys = [_key(key, *(f"{ids[i]}\0{texts[i]}" for i in c))[:24]
+                    for c in _chunks(cohort.n_reports, config.chunk_size)]
+            stored, report_chunks = _embed_reports(adapter, cohort, _ChunkStore(cache / "reports", keys), config)
+            report_features = np.concatenate([chunk["features"] for chunk in stored])
+        chunks = {"images": image_chunks, "reports": report_chunks}
+
+    summary = {
+        "linkrisk_version": __version__,
+        "model": {**model, "adapter": type(adapter).__name__, "name": adapter.name, "cache_key": key,
+                  "preprocess": repr(adapter.preprocess), "context_length": adapter.context_length,
+                  "image_feature_shape": list(image_features.shape[1:]),
+                  "text_feature_dim": int(report_features.shape[1]), "embed_dim": int(adapter.embed_dim)},
+        "dataset": {"name": cohort.name, "source": cohort.source, "fingerprint": cohort.fingerprint(),
+                    "n_images": cohort.n_images, "n_reports": cohort.n_reports, "n_patients": cohort.n_patients,
+                    "skipped": {**cohort.skipped, **{k: v for k, v in skipped.items() if v}},
+                    "repairs": cohort.repairs},
+        "config": dataclasses.asdict(config),
+        "chunks": chunks,
+        "started": started.isoformat(timespec="seconds"),
+        "seconds": round(time.perf_counter() - clock, 3),
+    }
+    with stage(f"{cohort.name}: write features, heads and projected embeddings to {out}"):
+        _write_outputs(out, cohort, image_features, report_features, adapter, summary)
+        write_json(out / "embed.json", summary)
+    return summary
+
+
+def iter_chunk_files(out: str | Path) -> Iterator[Path]:
+    """Yield the cache chunk files under ``out/cache`` (complete chunks only; temp files are hidden)."""
+    yield from (p for p in Path(out, "cache").rglob("*.npz") if not p.name.startswith("."))
+
+
+__all__ = ["EmbedConfig", "PRECISIONS", "embed_cohort", "hash_weights", "iter_chunk_files", "model_key"]
