@@ -326,3 +326,19 @@ def test_cli_embed_and_errors(reference, data_dir, tmp_path, monkeypatch):
                                  "--precision", "bf16", "--quiet"])
     assert result.exit_code == 2
     assert "precision bf16 is autocast for GPUs; use fp32 on cpu" in result.output
+
+
+def test_reference_rejects_other_wordllama_weights(reference, tmp_path):
+    from linkrisk.models.reference_adapter import ReferenceAdapter
+
+    folder, _ = reference
+    shutil.copytree(folder, tmp_path / "heads")
+    metadata = json.loads((tmp_path / "heads" / "heads.json").read_text())
+    metadata["text_encoder"]["weights_sha256"] = "f" * 64
+    (tmp_path / "heads" / "heads.json").write_text(json.dumps(metadata))
+    with pytest.raises(InputError, match="heads were fitted on WordLlama weights with SHA-256 f{64}"):
+        ReferenceAdapter(tmp_path / "heads")
+    del metadata["image_encoder"]
+    (tmp_path / "heads" / "heads.json").write_text(json.dumps(metadata))
+    with pytest.raises(InputError, match="no image_encoder entry"):
+        ReferenceAdapter(tmp_path / "heads")
