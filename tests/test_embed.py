@@ -162,7 +162,8 @@ def test_unreadable_images_are_dropped_and_counted(reference, covid, tmp_path):
     assert summary["dataset"]["n_images"] == len(broken) - 2
     assert len(np.load(tmp_path / "out" / "image.npy")) == len(broken) - 2
     kept = set(pd.read_parquet(tmp_path / "out" / "images.parquet")["image_id"])
-    assert broken["image_id"].iloc[0] not in kept and broken["image_id"].iloc[1] not in kept
+    assert broken["image_id"].iloc[0] not in kept
+    assert broken["image_id"].iloc[1] not in kept
 
 
 def test_workers_give_identical_features(reference, covid, tmp_path):
