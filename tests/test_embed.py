@@ -343,3 +343,14 @@ def test_reference_rejects_other_wordllama_weights(reference, tmp_path):
     (tmp_path / "heads" / "heads.json").write_text(json.dumps(metadata))
     with pytest.raises(InputError, match="no image_encoder entry"):
         ReferenceAdapter(tmp_path / "heads")
+
+
+def test_hub_name_needs_allow_download(data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from linkrisk.cli import app
+
+    result = CliRunner().invoke(app, ["embed", "--model", "biomedclip", "--weights", "hf-hub:org/model", "--dataset",
+                                      f"covid:{data_dir / 'covid-chestxray'}", "--out", str(tmp_path), "--quiet"])
+    assert result.exit_code == 2
+    assert "hf-hub:org/model would be downloaded from the Hugging Face Hub; pass --allow-download" in result.output

@@ -217,8 +217,8 @@ def audit(
 
 @app.command()
 def embed(
-    model: Annotated[str, typer.Option(help="Model adapter name: clip-vit-b-32, open-clip, hf-clip, chexzero, reference or precomputed (see docs/models.md).")],
-    weights: Annotated[Path, typer.Option(help="Local weights file or folder of the model (nothing is downloaded).")],
+    model: Annotated[str, typer.Option(help="Model adapter name: clip-vit-b-32, open-clip, biomedclip, hf-clip, chexzero, reference or precomputed (see docs/models.md).")],
+    weights: Annotated[str, typer.Option(help="Local weights file or folder of the model; hf-hub:ORG/REPO for open_clip models with --allow-download.")],
     dataset: Annotated[str, typer.Option(help="Dataset as NAME:PATH, e.g. covid:../shared/data/covid-chestxray.")],
     out: Annotated[Path, typer.Option(help="Output folder: features, ids, heads, projected embeddings, embed.json and cache/.")],
     text_policy: Annotated[Optional[str], typer.Option(help="Report sections forming the text, e.g. findings+impression or impression,fallback=full.")] = None,
@@ -247,9 +247,10 @@ def embed(
                              workers=workers, device=_device(device),
                              precision=_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
         cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
-        adapter = load_adapter(model, weights)
+        adapter = load_adapter(model, weights, allow_download=allow_download)
+        weights_path = getattr(adapter, "weights_path", weights)
         summary = embed_cohort(adapter, cohort, out, config,
-                               {"model": model, "weights": str(weights), "weights_sha256": hash_weights(weights)})
+                               {"model": model, "weights": str(weights), "weights_sha256": hash_weights(weights_path)})
     except LinkriskError as err:
         _fail(err)
     except (OSError, EOFError) as err:

@@ -1,10 +1,12 @@
 """Registry of model adapters: short names to loaders of local weights.
 
 Every adapter exposes ``encode_image_features`` and ``encode_text_features``
-(frozen, pre-projection), ``image_head`` and ``text_head`` (``nn.Linear``),
+(frozen, pre-projection), ``image_head`` and ``text_head`` (``nn.Linear``, or
+an ``nn.Sequential`` of ``nn.Linear`` and activations where the model's head is an MLP),
 the model's preprocessing and tokenizer, ``context_length`` and
-``embed_dim``. Weights always come from a local path; nothing is
-downloaded.
+``embed_dim``. Weights come from a local path. Nothing is downloaded,
+unless an open_clip model is named as ``hf-hub:ORG/REPO`` and the caller
+passes ``allow_download``.
 """
 
 from __future__ import annotations
@@ -15,31 +17,33 @@ from typing import Callable
 from linkrisk.errors import ConfigError
 
 
-def _open_clip(path: Path):
+def _open_clip(path: Path, allow_download: bool = False):
     from linkrisk.models.openclip_adapter import OpenClipAdapter
 
+    if str(path).startswith("hf-hub:"):
+        return OpenClipAdapter.from_hub(str(path), allow_download)
     return OpenClipAdapter.from_local_dir(path)
 
 
-def _hf_clip(path: Path):
+def _hf_clip(path: Path, allow_download: bool = False):
     from linkrisk.models.hf_clip_adapter import HFClipAdapter
 
     return HFClipAdapter.from_local_dir(path)
 
 
-def _reference(path: Path):
+def _reference(path: Path, allow_download: bool = False):
     from linkrisk.models.reference_adapter import ReferenceAdapter
 
     return ReferenceAdapter(path)
 
 
-def _precomputed(path: Path):
+def _precomputed(path: Path, allow_download: bool = False):
     from linkrisk.models.precomputed import PrecomputedAdapter
 
     return PrecomputedAdapter(path)
 
 
-def _chexzero(path: Path):
+def _chexzero(path: Path, allow_download: bool = False):
     from linkrisk.models.chexzero_adapter import load_chexzero
 
     return load_chexzero(path)
@@ -48,19 +52,26 @@ def _chexzero(path: Path):
 # name -> (loader of a local path, what the path is)
 ADAPTERS: dict[str, tuple[Callable, str]] = {
     "clip-vit-b-32": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights)"),
-    "open-clip": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights)"),
+    "open-clip": (_open_clip, "an open_clip local-dir folder (open_clip_config.json + weights), or hf-hub:ORG/REPO "
+                              "with --allow-download"),
+    "biomedclip": (_open_clip, "an open_clip local-dir folder with BiomedCLIP's open_clip_config.json and "
+                               "open_clip_pytorch_model.bin, plus its BERT config.json and vocab.txt"),
     "hf-clip": (_hf_clip, "a transformers CLIPModel folder with its tokenizer and image processor"),
     "chexzero": (_chexzero, "a CheXzero checkpoint (.pt state dict or .safetensors)"),
     "reference": (_reference, "a heads folder written by linkrisk demo (runs/demo/models/original)"),
     "precomputed": (_precomputed, "a folder of embeddings made elsewhere (layout: docs/models.md)"),
 }
-# NOTE: BiomedCLIP and BioViL adapters are not written yet; their names are rejected with this reason.
-_PLANNED = {"biomedclip": "its open_clip layout with a timm vision tower and an HF BERT text tower",
-            "biovil": "hi-ml-multimodal's image and text projectors"}
+# NOTE: the BioViL adapter is not written yet; its name is rejected with this reason.
+_PLANNED = {"biovil": "hi-ml-multimodal's image and text projectors"}
 
 
-def load_adapter(name: str, weights: str | Path):
-    """Load the model ``name`` from the local ``weights`` path."""
+def load_adapter(name: str, weights: str | Path, allow_download: bool = False):
+    """Load the model ``name`` from the local ``weights`` path.
+
+    The open_clip names (``clip-vit-b-32``, ``open-clip``, ``biomedclip``)
+    also take a Hub name (``hf-hub:ORG/REPO``) in place of a path, but only
+    with ``allow_download``.
+    """
     name = name.strip().lower()
     if name in _PLANNED:
         raise ConfigError(f"model {name!r} is not supported yet ({_PLANNED[name]} still needs an adapter); "
@@ -68,4 +79,4 @@ def load_adapter(name: str, weights: str | Path):
     if name not in ADAPTERS:
         raise ConfigError(f"unknown model {name!r}; supported: {', '.join(ADAPTERS)}")
     loader, _ = ADAPTERS[name]
-    return loader(Path(weights))
+    return loader(Path(weights) if not str(weights).startswith("hf-hub:") else weights, allow_download)

@@ -2,13 +2,18 @@
 
 Vision-language models store their projections in several forms: a bare
 ``nn.Parameter`` used as ``features @ projection`` (OpenAI CLIP and
-open_clip), an ``nn.Linear``, or a linear layer or 1x1 convolution followed
-by an eval-mode ``BatchNorm`` (BioViL's image projector). Each converts
-to ``nn.Linear`` modules computing the same map, so a DP head starts from
-the model's own weights and Opacus receives only layers it supports.
+open_clip), an ``nn.Linear``, a chain of linear layers and activations
+(BiomedCLIP's MLP text projection), or a linear layer or 1x1 convolution
+followed by an eval-mode ``BatchNorm`` (BioViL's image projector). Each
+converts to ``nn.Linear`` modules, with activations between them where the
+model has them, computing the same map, so a DP head starts from the
+model's own weights and Opacus receives only layers it supports.
 """
 
 from __future__ import annotations
+
+import copy
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -24,6 +29,50 @@ def projection_to_linear(projection: torch.Tensor) -> nn.Linear:
     with torch.no_grad():
         linear.weight.copy_(projection.detach().T.to(linear.weight.dtype))
     return linear
+
+
+# Parameter-free activations a head may keep between its linear layers. linkrisk.models.head_io can save all three.
+_HEAD_ACTIVATIONS = (nn.GELU, nn.ReLU, nn.Tanh)
+
+
+def copy_linear(layer: nn.Linear) -> nn.Linear:
+    """Copy ``layer`` into a new trainable ``nn.Linear`` with the same weight, and a bias only where it has one."""
+    linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight)
+        if layer.bias is not None:
+            linear.bias.copy_(layer.bias)
+    return linear
+
+
+def chain_to_head(layers: Iterable[nn.Module]) -> nn.Module:
+    """Copy a chain of linear layers and activations, applied in the given order, into a trainable head.
+
+    ``nn.Dropout`` and ``nn.Identity`` are dropped, because they change
+    nothing in eval mode, the mode used for embedding. A chain that reduces
+    to one ``nn.Linear`` is returned as that layer. A longer chain becomes
+    an ``nn.Sequential`` of ``nn.Linear`` and activation modules.
+
+    Raises:
+        InputError: a layer is neither ``nn.Linear`` nor GELU, ReLU or Tanh,
+            or the chain has no linear layer.
+    """
+    head_layers: list[nn.Module] = []
+    for layer in layers:
+        if isinstance(layer, nn.Dropout | nn.Identity):
+            continue
+        if isinstance(layer, nn.Linear):
+            head_layers.append(copy_linear(layer))
+        elif type(layer) in _HEAD_ACTIVATIONS:
+            head_layers.append(copy.deepcopy(layer))
+        else:
+            raise InputError(f"cannot copy a {type(layer).__name__} layer into a projection head, because a head "
+                             f"may contain only nn.Linear and {', '.join(cls.__name__ for cls in _HEAD_ACTIVATIONS)}")
+    if not any(isinstance(layer, nn.Linear) for layer in head_layers):
+        raise InputError("a projection head needs at least one nn.Linear layer, but the chain has none")
+    if len(head_layers) == 1:
+        return head_layers[0]
+    return nn.Sequential(*head_layers)
 
 
 def _as_linear(layer: nn.Module) -> nn.Linear:
