@@ -55,11 +55,10 @@ def bare_forward(adapter, batches: list[torch.Tensor]) -> float:
 
 
 def embedding_run(adapter, cohort, cache: Path, config) -> float:
-    from linkrisk.models.embed import _ChunkStore, _embed_images
+    from linkrisk.models.embed import _embed_images, image_store
 
-    keys = [f"bench-{i}" for i in range((cohort.n_images + config.chunk_size - 1) // config.chunk_size)]
     start = time.perf_counter()
-    _embed_images(adapter, cohort, _ChunkStore(cache, keys), config)
+    _embed_images(adapter, cohort, image_store(cohort, cache, "benchmark", config.chunk_size), config)
     return time.perf_counter() - start
 
 

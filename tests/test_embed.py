@@ -354,3 +354,18 @@ def test_hub_name_needs_allow_download(data_dir, tmp_path):
                                       f"covid:{data_dir / 'covid-chestxray'}", "--out", str(tmp_path), "--quiet"])
     assert result.exit_code == 2
     assert "hf-hub:org/model would be downloaded from the Hugging Face Hub; pass --allow-download" in result.output
+
+
+def test_chunk_with_other_rows_is_recomputed(reference, covid, tmp_path, caplog):
+    folder, adapter = reference
+    meta = {"model": "reference", "weights_sha256": hash_weights(folder)}
+    config = EmbedConfig(**{**FAST, "chunk_size": 64})
+    embed_cohort(adapter, covid, tmp_path, config, meta)
+    before = (tmp_path / "image_features.npy").read_bytes()
+    first, second = sorted((tmp_path / "cache").rglob("images/*.npz"))[:2]
+    shutil.copy(first, second)
+    with caplog.at_level("WARNING", logger="linkrisk"):
+        summary = embed_cohort(adapter, covid, tmp_path, config, meta)
+    assert "lists other rows than expected; recomputing it" in caplog.text
+    assert summary["chunks"]["images"]["computed"] == 1
+    assert (tmp_path / "image_features.npy").read_bytes() == before

@@ -182,17 +182,41 @@ def _chunks(n: int, size: int) -> list[range]:
 
 @dataclasses.dataclass
 class _ChunkStore:
-    """The chunk files of one side (images or reports) under one model key."""
+    """The chunk files of one side (images or reports) under one model key; each chunk stores its row ids."""
 
     folder: Path
     keys: list[str]
+    ids: list[list[str]]
 
     def path(self, chunk: int) -> Path:
         return self.folder / f"{self.keys[chunk]}.npz"
 
     def load(self, chunk: int) -> dict[str, np.ndarray] | None:
         path = self.path(chunk)
-        return load_chunk(path) if path.exists() else None
+        stored = load_chunk(path) if path.exists() else None
+        if stored is not None and stored.get("ids", np.zeros(0, str)).tolist() != self.ids[chunk]:
+            logger.warning("cache chunk %s lists other rows than expected; recomputing it", path)
+            return None
+        return stored
+
+    def save(self, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        save_chunk(self.path(chunk), **arrays, ids=np.asarray(self.ids[chunk], dtype=str))
+
+
+def image_store(cohort: PairedCohort, folder: Path, key: str, chunk_size: int) -> _ChunkStore:
+    """Chunk the images; a chunk key hashes ``key`` and each image's id, path, size and modification time."""
+    ids, paths = cohort.images["image_id"].tolist(), cohort.images["image_path"].tolist()
+    rows = _chunks(len(ids), chunk_size)
+    keys = [_key(key, *(file_stamp(ids[i], paths[i]) for i in chunk))[:24] for chunk in rows]
+    return _ChunkStore(folder, keys, [[ids[i] for i in chunk] for chunk in rows])
+
+
+def report_store(cohort: PairedCohort, folder: Path, key: str, chunk_size: int) -> _ChunkStore:
+    """Chunk the reports; a chunk key hashes ``key`` and each report's id and text."""
+    ids, texts = cohort.reports["report_id"].tolist(), cohort.reports["text"].tolist()
+    rows = _chunks(len(ids), chunk_size)
+    keys = [_key(key, *(f"{ids[i]}\0{texts[i]}" for i in chunk))[:24] for chunk in rows]
+    return _ChunkStore(folder, keys, [[ids[i] for i in chunk] for chunk in rows])
 
 
 def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
@@ -233,7 +257,7 @@ def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: Emb
                 arrays = {"ok": state["ok"], "errors": np.asarray(state["errors"], dtype=str)}
                 if state["features"]:
                     arrays["features"] = np.concatenate(state["features"])
-                save_chunk(store.path(chunk), **arrays)
+                store.save(chunk, arrays)
                 stored[chunk] = arrays
                 del pending[chunk]
             bar.advance(task, len(indices))
@@ -257,7 +281,7 @@ def _embed_reports(adapter, cohort: PairedCohort, store: _ChunkStore, config: Em
                     parts.append(adapter.encode_text_features(batch).float().cpu().numpy())
                 bar.advance(task, len(batch))
             stored[i] = {"features": np.concatenate(parts)}
-            save_chunk(store.path(i), **stored[i])
+            store.save(i, stored[i])
     adapter.warn_truncated()
     return stored, {"total": len(chunks), "reused": len(chunks) - len(missing), "computed": len(missing)}
 
@@ -353,16 +377,12 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
         cache = out / "cache" / key
         _move(adapter, config.device)
         with stage(f"{cohort.name}: image features ({cohort.n_images} images)"):
-            keys = [_key(key, *(file_stamp(i, p) for i, p in zip(cohort.images["image_id"].iloc[list(c)],
-                                                                  cohort.images["image_path"].iloc[list(c)])))[:24]
-                    for c in _chunks(cohort.n_images, config.chunk_size)]
-            stored, image_chunks = _embed_images(adapter, cohort, _ChunkStore(cache / "images", keys), config)
+            store = image_store(cohort, cache / "images", key, config.chunk_size)
+            stored, image_chunks = _embed_images(adapter, cohort, store, config)
             image_features, cohort, skipped = _assemble_images(stored, cohort)
         with stage(f"{cohort.name}: report features ({cohort.n_reports} reports)"):
-            ids, texts = cohort.reports["report_id"].tolist(), cohort.reports["text"].tolist()
-            keys = [_key(key, *(f"{ids[i]}\0{texts[i]}" for i in c))[:24]
-                    for c in _chunks(cohort.n_reports, config.chunk_size)]
-            stored, report_chunks = _embed_reports(adapter, cohort, _ChunkStore(cache / "reports", keys), config)
+            store = report_store(cohort, cache / "reports", key, config.chunk_size)
+            stored, report_chunks = _embed_reports(adapter, cohort, store, config)
             report_features = np.concatenate([chunk["features"] for chunk in stored])
         chunks = {"images": image_chunks, "reports": report_chunks}
 
