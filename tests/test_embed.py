@@ -369,3 +369,34 @@ def test_chunk_with_other_rows_is_recomputed(reference, covid, tmp_path, caplog)
     assert "lists other rows than expected; recomputing it" in caplog.text
     assert summary["chunks"]["images"]["computed"] == 1
     assert (tmp_path / "image_features.npy").read_bytes() == before
+
+
+def test_precomputed_patch_grid_features(covid, tmp_path):
+    """Patch-grid image features ([rows, patches, dim], as BioViL's) enter with their patch-wise head."""
+    from torch import nn
+
+    from linkrisk.models.head_io import PatchMean, save_heads
+    from linkrisk.models.precomputed import PrecomputedAdapter
+
+    cohort = covid.subset_patients(sorted(covid.images["patient_id"].unique())[:6], name="covid_small")
+    rng = np.random.default_rng(0)
+    image_features = rng.standard_normal((cohort.n_images, 4, 6)).astype(np.float32)
+    report_features = rng.standard_normal((cohort.n_reports, 5)).astype(np.float32)
+    torch.manual_seed(0)
+    image_head = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3), PatchMean())
+    text_head = nn.Linear(5, 3)
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    np.save(folder / "image_features.npy", image_features)
+    np.save(folder / "report_features.npy", report_features)
+    cohort.images[["image_id"]].to_parquet(folder / "images.parquet")
+    cohort.reports[["report_id"]].to_parquet(folder / "reports.parquet")
+    save_heads(folder, image_head, text_head)
+
+    adapter = PrecomputedAdapter(folder)
+    assert adapter.embed_dim == 3
+    embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), {"model": "precomputed"})
+    with torch.no_grad():
+        expected = nn.functional.normalize(image_head(torch.from_numpy(image_features)), dim=-1).numpy()
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "image.npy"), expected, atol=1e-6)
+    assert np.load(tmp_path / "out" / "image_features.npy").shape == (cohort.n_images, 4, 6)

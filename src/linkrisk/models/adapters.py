@@ -43,6 +43,18 @@ def _precomputed(path: Path, allow_download: bool = False):
     return PrecomputedAdapter(path)
 
 
+def _biovil(path: Path, allow_download: bool = False):
+    from linkrisk.models.biovil_adapter import load_biovil
+
+    return load_biovil(path)
+
+
+def _biovil_t(path: Path, allow_download: bool = False):
+    from linkrisk.models.biovil_adapter import load_biovil_t
+
+    return load_biovil_t(path)
+
+
 def _chexzero(path: Path, allow_download: bool = False):
     from linkrisk.models.chexzero_adapter import load_chexzero
 
@@ -58,11 +70,13 @@ ADAPTERS: dict[str, tuple[Callable, str]] = {
                                "open_clip_pytorch_model.bin, plus its BERT config.json and vocab.txt"),
     "hf-clip": (_hf_clip, "a transformers CLIPModel folder with its tokenizer and image processor"),
     "chexzero": (_chexzero, "a CheXzero checkpoint (.pt state dict or .safetensors)"),
+    "biovil": (_biovil, "a local copy of microsoft/BiomedVLP-CXR-BERT-specialized (config.json, CXR-BERT weights, "
+                        "vocab.txt, biovil_image_resnet50_proj_size_128.pt or its .safetensors)"),
+    "biovil-t": (_biovil_t, "a local copy of microsoft/BiomedVLP-BioViL-T (config.json, CXR-BERT weights, vocab.txt, "
+                            "biovil_t_image_model_proj_size_128.pt or its .safetensors)"),
     "reference": (_reference, "a heads folder written by linkrisk demo (runs/demo/models/original)"),
     "precomputed": (_precomputed, "a folder of embeddings made elsewhere (layout: docs/models.md)"),
 }
-# NOTE: the BioViL adapter is not written yet; its name is rejected with this reason.
-_PLANNED = {"biovil": "hi-ml-multimodal's image and text projectors"}
 
 
 def load_adapter(name: str, weights: str | Path, allow_download: bool = False):
@@ -73,9 +87,6 @@ def load_adapter(name: str, weights: str | Path, allow_download: bool = False):
     with ``allow_download``.
     """
     name = name.strip().lower()
-    if name in _PLANNED:
-        raise ConfigError(f"model {name!r} is not supported yet ({_PLANNED[name]} still needs an adapter); "
-                          f"supported: {', '.join(ADAPTERS)}")
     if name not in ADAPTERS:
         raise ConfigError(f"unknown model {name!r}; supported: {', '.join(ADAPTERS)}")
     loader, _ = ADAPTERS[name]

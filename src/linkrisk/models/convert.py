@@ -75,7 +75,7 @@ def chain_to_head(layers: Iterable[nn.Module]) -> nn.Module:
     return nn.Sequential(*head_layers)
 
 
-def _as_linear(layer: nn.Module) -> nn.Linear:
+def as_linear(layer: nn.Module) -> nn.Linear:
     """Copy ``layer`` into an ``nn.Linear``; a 1x1 convolution is a linear map over channels."""
     if isinstance(layer, nn.Linear):
         linear = nn.Linear(layer.in_features, layer.out_features, bias=True)
@@ -103,7 +103,7 @@ def fold_batchnorm(layer: nn.Module, norm: nn.modules.batchnorm._BatchNorm) -> n
     bias ``s * (bias - m) + b``. The fold uses the running statistics, so
     it equals the model in eval mode, the mode used for embedding.
     """
-    linear = _as_linear(layer)
+    linear = as_linear(layer)
     if norm.num_features != linear.out_features:
         raise InputError(f"batch norm over {norm.num_features} features cannot follow a layer with "
                          f"{linear.out_features} outputs")

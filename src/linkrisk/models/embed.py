@@ -303,9 +303,14 @@ def _assemble_images(stored: list[dict], cohort: PairedCohort) -> tuple[np.ndarr
     return features, cohort.drop_images(failed_ids, "unreadable image file"), {"unreadable image file": len(failed_ids)}
 
 
-def _project(head: nn.Module, features: np.ndarray, batch_size: int = 4096) -> np.ndarray:
-    """Apply a head on CPU and L2-normalise the rows; float32 ``[n, embed_dim]``."""
+def _project(head: nn.Module, features: np.ndarray, max_values: int = 1 << 24) -> np.ndarray:
+    """Apply a head on CPU and L2-normalise the rows; float32 ``[n, embed_dim]``.
+
+    Rows go through in batches of at most ``max_values`` input values (64 MiB of float32),
+    so patch-grid features do not need one large copy.
+    """
     head = head.eval().cpu()
+    batch_size = max(1, max_values // max(1, int(np.prod(features.shape[1:]))))
     out = []
     with torch.inference_mode():
         for start in range(0, len(features), batch_size):

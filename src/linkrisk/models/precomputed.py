@@ -8,7 +8,8 @@ valid input here):
 ``reports.parquet``
     one row per report with a ``report_id`` column, in array row order.
 ``image_features.npy``, ``report_features.npy`` (optional)
-    pre-projection features ``[n_images, d_image]`` and ``[n_reports, d_text]``,
+    pre-projection features ``[n_images, d_image]`` (or a patch grid
+    ``[n_images, patches, d_image]``) and ``[n_reports, d_text]``,
     with ``heads.json`` + ``heads.safetensors`` (:mod:`linkrisk.models.head_io`)
     holding the heads that project them.
 ``image.npy``, ``report.npy``
@@ -42,14 +43,15 @@ def identity_head(dim: int) -> nn.Linear:
     return linear
 
 
-def _read_array(path: Path) -> np.ndarray:
+def _read_array(path: Path, allow_patches: bool = False) -> np.ndarray:
+    """Memory-map a float ``.npy`` array: ``[rows, dim]``, or ``[rows, patches, dim]`` where ``allow_patches``."""
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, EOFError, OSError) as err:
         raise InputError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from err
-    if array.ndim != 2 or not np.issubdtype(array.dtype, np.floating):
-        raise InputError(f"{path}: expected a 2-D float array [rows, dimensions], got shape {array.shape} and "
-                         f"dtype {array.dtype}")
+    shapes = "[rows, dimensions] or [rows, patches, dimensions]" if allow_patches else "[rows, dimensions]"
+    if array.ndim not in ((2, 3) if allow_patches else (2,)) or not np.issubdtype(array.dtype, np.floating):
+        raise InputError(f"{path}: expected a float array {shapes}, got shape {array.shape} and dtype {array.dtype}")
     return array
 
 
@@ -104,7 +106,8 @@ class PrecomputedAdapter:
             if not (folder / name).is_file():
                 raise InputError(f"{folder / name}: not found; a precomputed folder needs image_features.npy and "
                                  "report_features.npy (with heads.json), or image.npy and report.npy")
-        self.image_features = _read_array(folder / image_name)
+        # Patch-grid image features (BioViL) are pre-projection features with a patch-wise head.
+        self.image_features = _read_array(folder / image_name, allow_patches=self.pre_projection)
         self.report_features = _read_array(folder / report_name)
         self.image_ids = _read_ids(folder, ("images.parquet", "pairs.parquet"), "image_id",
                                    len(self.image_features), image_name)
@@ -122,7 +125,7 @@ class PrecomputedAdapter:
                                  f"has {self.report_features.shape[1]}; both must be in one embedding space")
             self.image_head = identity_head(self.image_features.shape[1])
             self.text_head = identity_head(self.report_features.shape[1])
-        self.embed_dim = int(self.image_head(torch.zeros(1, self.image_features.shape[1])).shape[-1])
+        self.embed_dim = int(self.image_head(torch.zeros(1, *self.image_features.shape[1:])).shape[-1])
 
     def _lookup(self, features: np.ndarray, index: pd.Index, ids, kind: str) -> np.ndarray:
         rows = index.get_indexer(pd.Index(ids).astype(str))
@@ -132,7 +135,7 @@ class PrecomputedAdapter:
             raise InputError(f"{self.name}: {len(missing)} {kind} ids of the dataset have no precomputed row "
                              f"(first: {quoted}); embed them with the same model or leave them out of the dataset")
         selected = np.asarray(features[rows], dtype=np.float32)
-        bad = ~np.isfinite(selected).all(axis=1)
+        bad = ~np.isfinite(selected.reshape(len(selected), -1)).all(axis=1)
         if bad.any():
             first = int(np.flatnonzero(bad)[0])
             raise InputError(f"{self.name}: {int(bad.sum())} {kind} rows contain NaN or infinity (first: id "
