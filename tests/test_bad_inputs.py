@@ -362,3 +362,37 @@ def test_gzipped_csv_invalid_utf8_names_line(tmp_path):
     path.write_bytes(gzip.compress(b"a,b\n1,2\n3,\xff\n"))
     with pytest.raises(InputError, match=r"table.csv.gz: line 3 is not valid UTF-8"):
         read_csv(path, ("a", "b"), compression="infer")
+
+
+def test_float_image_keeps_its_values(tmp_path):
+    from PIL import Image
+
+    from linkrisk.data.images import read_image
+
+    values = np.linspace(0.0, 0.87, 64 * 64, dtype=np.float32).reshape(64, 64)
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tiff")
+    decoded = np.asarray(read_image(tmp_path / "float.tiff"))
+    np.testing.assert_allclose(decoded, values, atol=1e-6)
+    values[0, 0] = np.nan
+    values[0, 1] = 200.0
+    Image.fromarray(values, mode="F").save(tmp_path / "float.tiff")
+    decoded = np.asarray(read_image(tmp_path / "float.tiff"))
+    assert decoded[0, 0] == 0.0
+    assert decoded.max() == pytest.approx(1.0)
+
+
+def test_full_disk_error_names_target(tmp_path):
+    import errno
+
+    from linkrisk._io import atomic_write
+
+    def fail(tmp):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    (tmp_path / "pairs.parquet").write_bytes(b"previous")
+    with pytest.raises(OSError) as error:
+        atomic_write(tmp_path / "pairs.parquet", fail)
+    assert error.value.errno == errno.ENOSPC
+    assert error.value.filename == str(tmp_path / "pairs.parquet")
+    assert (tmp_path / "pairs.parquet").read_bytes() == b"previous"
+    assert [p.name for p in tmp_path.iterdir()] == ["pairs.parquet"]

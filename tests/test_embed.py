@@ -400,3 +400,168 @@ def test_precomputed_patch_grid_features(covid, tmp_path):
         expected = nn.functional.normalize(image_head(torch.from_numpy(image_features)), dim=-1).numpy()
     np.testing.assert_allclose(np.load(tmp_path / "out" / "image.npy"), expected, atol=1e-6)
     assert np.load(tmp_path / "out" / "image_features.npy").shape == (cohort.n_images, 4, 6)
+
+
+def _bmp(path, seed: int) -> None:
+    from PIL import Image
+
+    pixels = np.random.default_rng(seed).integers(0, 256, size=(64, 64), dtype=np.uint8)
+    Image.fromarray(pixels, mode="L").save(path, format="BMP")
+
+
+def _bmp_cohort(covid, tmp_path, n: int = 3):
+    """A cohort of the first ``n`` COVID patients' records whose images are replaced by small BMP files."""
+    cohort = covid.subset_patients(sorted(covid.images["patient_id"].unique())[:n], name="covid_bmp")
+    images = cohort.images.copy()
+    paths = []
+    for i in range(len(images)):
+        path = tmp_path / f"image{i}.bmp"
+        _bmp(path, i)
+        paths.append(str(path))
+    images["image_path"] = paths
+    cohort.images = images
+    return cohort
+
+
+def test_transient_read_failure_is_retried(reference, covid, tmp_path, monkeypatch):
+    import linkrisk.models.embed as embed_module
+    from linkrisk.data.images import ImageReadError
+
+    folder, adapter = reference
+    cohort = _bmp_cohort(covid, tmp_path)
+    flaky = cohort.images["image_path"].iloc[0]
+    real_read = embed_module.read_image
+
+    def failing_once(path, draft_size=None):
+        if str(path) == flaky:
+            raise ImageReadError(f"{path}: permission denied")
+        return real_read(path, draft_size)
+
+    meta = {"model": "reference", "weights_sha256": hash_weights(folder)}
+    monkeypatch.setattr(embed_module, "read_image", failing_once)
+    first = embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), meta)
+    assert first["dataset"]["n_images"] == cohort.n_images - 1
+    monkeypatch.setattr(embed_module, "read_image", real_read)
+    second = embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), meta)
+    assert second["dataset"]["n_images"] == cohort.n_images
+    assert second["chunks"]["images"]["computed"] == 1
+
+
+def test_replaced_file_with_same_mtime_misses_cache(reference, covid, tmp_path):
+    folder, adapter = reference
+    cohort = _bmp_cohort(covid, tmp_path)
+    meta = {"model": "reference", "weights_sha256": hash_weights(folder)}
+    embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), meta)
+    path = cohort.images["image_path"].iloc[0]
+    stat = os.stat(path)
+    _bmp(path, 99)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert os.stat(path).st_size == stat.st_size
+    summary = embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), meta)
+    assert summary["chunks"]["images"]["computed"] == 1
+
+
+def test_second_writer_is_rejected(reference, covid, tmp_path):
+    import fcntl
+
+    folder, adapter = reference
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".embed.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        with pytest.raises(InputError, match="another linkrisk embed run is writing this folder"):
+            embed_cohort(adapter, covid, tmp_path, EmbedConfig(**FAST), {"model": "reference"})
+
+
+def test_stale_temp_files_are_removed(reference, covid, tmp_path):
+    folder, adapter = reference
+    cohort = _bmp_cohort(covid, tmp_path)
+    stale = tmp_path / "out" / "cache" / ".abc.npz.x1.tmp"
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"partial")
+    embed_cohort(adapter, cohort, tmp_path / "out", EmbedConfig(**FAST), {"model": "reference"})
+    assert not stale.exists()
+
+
+def test_zero_embeddings_are_rejected(reference_run, covid, tmp_path):
+    from linkrisk.models.precomputed import PrecomputedAdapter
+
+    out, _ = reference_run
+    for path in out.iterdir():
+        if path.is_file() and path.suffix in (".parquet",):
+            shutil.copy(path, tmp_path / path.name)
+    np.save(tmp_path / "image.npy", np.zeros((354, 8), np.float32))
+    np.save(tmp_path / "report.npy", np.ones((290, 8), np.float32))
+    with pytest.raises(InputError, match="354 image embeddings are zero or not finite"):
+        embed_cohort(PrecomputedAdapter(tmp_path), covid, tmp_path / "o", EmbedConfig(**FAST), {})
+
+
+def test_precomputed_head_mismatch_is_named(reference_run, tmp_path):
+    from linkrisk.models.precomputed import PrecomputedAdapter
+
+    out, _ = reference_run
+    for path in out.iterdir():
+        if path.is_file():
+            shutil.copy(path, tmp_path / path.name)
+    np.save(tmp_path / "image_features.npy", np.ones((354, 100), np.float32))
+    with pytest.raises(InputError, match="the image head does not accept features of shape \\[100\\]"):
+        PrecomputedAdapter(tmp_path)
+    np.savez(tmp_path / "image.npz", a=np.ones(3))
+    shutil.move(tmp_path / "image.npz", tmp_path / "image_features.npy")
+    with pytest.raises(InputError, match="is an .npz archive"):
+        PrecomputedAdapter(tmp_path)
+
+
+def test_damaged_reference_heads_are_named(reference, tmp_path):
+    from linkrisk.models.reference_adapter import ReferenceAdapter
+
+    folder, _ = reference
+    for name, damage in (("list", "[1, 2]"), ("types", None)):
+        target = tmp_path / name
+        shutil.copytree(folder, target)
+        if damage:
+            (target / "heads.json").write_text(damage)
+        else:
+            metadata = json.loads((target / "heads.json").read_text())
+            metadata["image_encoder"]["unknown_option"] = 1
+            (target / "heads.json").write_text(json.dumps(metadata))
+        with pytest.raises(InputError):
+            ReferenceAdapter(target)
+    target = tmp_path / "truncated"
+    shutil.copytree(folder, target)
+    data = (target / "heads.safetensors").read_bytes()
+    (target / "heads.safetensors").write_bytes(data[:20])
+    with pytest.raises(InputError, match="not a heads folder written by linkrisk demo, or a damaged one"):
+        ReferenceAdapter(target)
+
+
+def test_cli_rejects_bad_out(reference, data_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from linkrisk.cli import app
+
+    folder, _ = reference
+    dataset = f"covid:{data_dir / 'covid-chestxray'}"
+    runner = CliRunner()
+    result = runner.invoke(app, ["embed", "--model", "reference", "--weights", str(folder), "--dataset", dataset,
+                                 "--out", "", "--quiet"])
+    assert result.exit_code == 2
+    assert "--out is empty" in result.output
+    result = runner.invoke(app, ["embed", "--model", "reference", "--weights", str(folder), "--dataset", dataset,
+                                 "--out", str(folder / "run"), "--quiet"])
+    assert result.exit_code == 2
+    assert "is inside the weights folder" in result.output
+
+
+def test_fast_decode_is_close_and_keyed_apart(reference, covid, tmp_path):
+    folder, adapter = reference
+    cohort = covid.subset_patients(sorted(covid.images["patient_id"].unique())[:30], name="covid_small")
+    meta = {"model": "reference", "weights_sha256": hash_weights(folder)}
+    exact = embed_cohort(adapter, cohort, tmp_path / "exact", EmbedConfig(**FAST), meta)
+    fast = embed_cohort(adapter, cohort, tmp_path / "fast", EmbedConfig(**{**FAST, "fast_decode": True}), meta)
+    assert fast["model"]["cache_key"] != exact["model"]["cache_key"]
+    a = np.load(tmp_path / "exact" / "image.npy")
+    b = np.load(tmp_path / "fast" / "image.npy")
+    cosine = (a * b).sum(axis=1)
+    assert np.median(cosine) > 0.999
+    assert cosine.min() > 0.95
+    assert not np.array_equal(a, b)

@@ -85,3 +85,28 @@ def test_load_rejects_damaged_files(tmp_path):
         load_heads(tmp_path)
     with pytest.raises(InputError, match="heads.json: not found"):
         load_heads(tmp_path / "nowhere")
+
+
+def test_malformed_layer_lists_are_rejected(tmp_path):
+    for layers, message in (([], "non-empty list"), ([{"type": "linear"}], "malformed head layer list"),
+                            ([{"type": "linear", "in": -3, "out": 2, "bias": True}], "below 1"),
+                            ([5], "a layer must be an object")):
+        with pytest.raises(InputError, match=message):
+            build_head(layers)
+    save_heads(tmp_path, nn.Linear(4, 3), nn.Linear(5, 3))
+    spec = json.loads((tmp_path / "heads.json").read_text())
+    del spec["image_head"]
+    (tmp_path / "heads.json").write_text(json.dumps(spec))
+    with pytest.raises(InputError, match="no image_head entry"):
+        load_heads(tmp_path)
+    (tmp_path / "heads.json").write_text("[1, 2]")
+    with pytest.raises(InputError, match="format 'list' is not"):
+        load_heads(tmp_path)
+
+
+def test_nan_weights_are_named():
+    head = nn.Linear(4, 3)
+    with torch.no_grad():
+        head.weight[0, 0] = float("nan")
+    with pytest.raises(InputError, match="weights contain NaN or infinity"):
+        as_sequential(head)

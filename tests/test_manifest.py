@@ -132,3 +132,13 @@ def test_cli_data_describe(data_dir, tmp_path):
                          timeout=120)
     assert bad.returncode == 2
     assert "Traceback" not in bad.stderr
+
+
+def test_manifest_symlink_loop_is_named(covid, tmp_path):
+    (tmp_path / "loop1.png").symlink_to(tmp_path / "loop2.png")
+    (tmp_path / "loop2.png").symlink_to(tmp_path / "loop1.png")
+    table = _manifest_from(covid).head(3)
+    table.loc[table.index[1], "image_path"] = "loop1.png"
+    table.to_csv(tmp_path / "manifest.csv", index=False)
+    with pytest.raises(InputError, match="row 1: image_path 'loop1.png' cannot be resolved"):
+        load_manifest(tmp_path / "manifest.csv")

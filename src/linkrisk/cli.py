@@ -7,6 +7,7 @@ input problem.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import re
@@ -45,6 +46,9 @@ def _fail_io(err: OSError | EOFError) -> None:
     where = getattr(err, "filename", None)
     reason = getattr(err, "strerror", None) or str(err) or type(err).__name__
     target = f"{where}: " if where else ""
+    if getattr(err, "errno", None) == errno.ENOSPC:
+        _fail(LinkriskError(f"{target}{reason}; free disk space and run the same command again (complete files "
+                            "and cache chunks are kept)"))
     _fail(LinkriskError(f"{target}{reason}; check the path and its permissions, then run again"))
 
 
@@ -220,7 +224,7 @@ def embed(
     model: Annotated[str, typer.Option(help="Model adapter name: clip-vit-b-32, open-clip, biomedclip, hf-clip, chexzero, reference or precomputed (see docs/models.md).")],
     weights: Annotated[str, typer.Option(help="Local weights file or folder of the model; hf-hub:ORG/REPO for open_clip models with --allow-download.")],
     dataset: Annotated[str, typer.Option(help="Dataset as NAME:PATH, e.g. covid:../shared/data/covid-chestxray.")],
-    out: Annotated[Path, typer.Option(help="Output folder: features, ids, heads, projected embeddings, embed.json and cache/.")],
+    out: Annotated[str, typer.Option(help="Output folder: features, ids, heads, projected embeddings, embed.json and cache/.")],
     text_policy: Annotated[Optional[str], typer.Option(help="Report sections forming the text, e.g. findings+impression or impression,fallback=full.")] = None,
     device: Annotated[str, typer.Option(help="Torch device of the forward pass: cpu, cuda, cuda:1, mps.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, or bf16 / fp16 autocast on a GPU.")] = "fp32",
@@ -228,6 +232,7 @@ def embed(
     text_batch_size: Annotated[int, typer.Option(min=1, help="Reports per forward pass.")] = 64,
     chunk_size: Annotated[int, typer.Option(min=1, help="Images (and reports) per cache chunk; a killed run recomputes at most one chunk.")] = 512,
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images (0: decode in the main process).")] = 2,
+    fast_decode: Annotated[bool, typer.Option(help="Decode JPEGs at reduced scale (at least twice the model's input size): faster, pixels differ slightly from the model's own preprocessing.")] = False,
     allow_download: Annotated[bool, typer.Option(help="Let Hugging Face libraries reach the network for missing files (default: offline).")] = False,
     quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
 ) -> None:
@@ -243,13 +248,20 @@ def embed(
     from linkrisk.models.embed import PRECISIONS, EmbedConfig, embed_cohort, hash_weights
 
     try:
+        if not out.strip():
+            raise ConfigError("--out is empty; name the output folder")
+        out_dir = Path(out)
+        if not weights.startswith("hf-hub:") and Path(weights).is_dir() and \
+                out_dir.resolve().is_relative_to(Path(weights).resolve()):
+            raise ConfigError(f"--out {out} is inside the weights folder {weights}, whose hash keys the cache; "
+                              "choose an --out outside it")
         config = EmbedConfig(batch_size=batch_size, text_batch_size=text_batch_size, chunk_size=chunk_size,
-                             workers=workers, device=_device(device),
+                             workers=workers, device=_device(device), fast_decode=fast_decode,
                              precision=_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
         cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
         adapter = load_adapter(model, weights, allow_download=allow_download)
         weights_path = getattr(adapter, "weights_path", weights)
-        summary = embed_cohort(adapter, cohort, out, config,
+        summary = embed_cohort(adapter, cohort, out_dir, config,
                                {"model": model, "weights": str(weights), "weights_sha256": hash_weights(weights_path)})
     except LinkriskError as err:
         _fail(err)

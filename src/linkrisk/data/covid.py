@@ -76,7 +76,7 @@ def load_covid(root: str | Path) -> PairedCohort:
     root = Path(root)
     csv_path = root / "metadata.csv"
     if not csv_path.exists():
-        raise InputError(f"{csv_path}: not found; point --data at the folder holding the collection's metadata.csv")
+        raise InputError(f"{csv_path}: not found; pass the folder holding the collection's metadata.csv")
     table = read_csv(csv_path, REQUIRED_COLUMNS, dtype=str, keep_default_na=False)
 
     table = table.assign(csv_row=np.arange(2, len(table) + 2))  # 1-based file line, after the header

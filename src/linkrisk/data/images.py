@@ -17,12 +17,19 @@ class ImageReadError(Exception):
     """An image file that cannot be decoded; ``str()`` names the file and the cause."""
 
 
-def read_image(path: str | Path) -> Image.Image:
+def read_image(path: str | Path, draft_size: int | None = None) -> Image.Image:
     """Decode one image file into a PIL image in mode ``L`` (8-bit luminance) or ``F``.
 
     Colour, alpha and palette images are converted to luminance. 16-bit
     and 32-bit integer images become mode ``F`` scaled by their maximum
-    into [0, 1], so no precision is lost before resizing.
+    into [0, 1], so no precision is lost before resizing. Float images
+    (mode ``F``) keep values already in [0, 1] and are otherwise scaled by
+    their maximum; negative, NaN and infinite values become 0.
+
+    ``draft_size`` lets libjpeg decode a JPEG at 1/2, 1/4 or 1/8 scale
+    (Pillow's ``Image.draft``), as long as both sides stay at least
+    ``draft_size`` pixels. That is faster, and the pixels differ slightly
+    from a full decode followed by a resize. Other formats ignore it.
 
     Raises:
         ImageReadError: missing, truncated, undecodable or oversized file.
@@ -34,9 +41,15 @@ def read_image(path: str | Path) -> Image.Image:
             with Image.open(path) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise ImageReadError(f"{path}: {img.width}x{img.height} pixels exceeds the {MAX_PIXELS:,} pixel limit")
+                if draft_size and img.format == "JPEG":
+                    img.draft("L", (draft_size, draft_size))
                 img.load()
                 if img.mode in ("I;16", "I;16B", "I;16L", "I"):
                     array = np.asarray(img, dtype=np.float32)
+                    return Image.fromarray(array / max(float(array.max()), 1.0), mode="F")
+                if img.mode == "F":
+                    array = np.nan_to_num(np.asarray(img, dtype=np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+                    array = np.maximum(array, 0.0)
                     return Image.fromarray(array / max(float(array.max()), 1.0), mode="F")
                 return img.convert("L")
     except FileNotFoundError as err:

@@ -45,6 +45,18 @@ REQUIRED_COLUMNS = ("image_id", "patient_id", "report_id")
 EMBEDDING_COLUMNS = ("image_embedding", "report_embedding")
 
 
+def _resolve(manifest: Path, row, image_path) -> str:
+    """Return the absolute image path of one manifest row ("" when empty); a symlink loop is an input error."""
+    if not isinstance(image_path, str) or not image_path:
+        return ""
+    try:
+        return str((manifest.parent / image_path).resolve())
+    except (RuntimeError, OSError) as err:
+        # Python < 3.13 raises RuntimeError for a symlink loop, later versions OSError (ELOOP).
+        raise InputError(f"{manifest}: row {row}: image_path {image_path!r} cannot be resolved ({err}); fix the "
+                         "link or the path") from err
+
+
 def _read_table(path: Path) -> pd.DataFrame:
     if not path.is_file():
         raise InputError(f"{path}: not found or not a file; a manifest is a .csv or .parquet table")
@@ -140,7 +152,7 @@ def load_manifest(path: str | Path) -> PairedCohort:
     if not has_image_embedding:
         if "image_path" not in table.columns:
             raise InputError(f"{path}: missing column image_path (or image_embedding in a Parquet manifest)")
-        resolved = [str((path.parent / p).resolve()) if isinstance(p, str) and p else "" for p in image_rows["image_path"]]
+        resolved = [_resolve(path, row, p) for row, p in zip(image_rows.index, image_rows["image_path"])]
         image_rows["image_path"] = resolved
         absent = np.array([not p or not Path(p).is_file() for p in resolved], dtype=bool)
         if absent.any():

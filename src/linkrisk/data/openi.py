@@ -185,7 +185,7 @@ def _xml_tables(root: Path, policy: TextPolicy, skipped: Counter,
     png_dir = root / "NLMCXR_png"
     for required in (archive, png_dir):
         if not required.exists():
-            raise InputError(f"{required}: not found; point --data at the folder holding Open-i's files")
+            raise InputError(f"{required}: not found; pass the folder holding Open-i's files")
     reports, image_to_report = _read_archive(archive, policy, skipped, repairs)
     reports = _first_report_per_study(reports, archive.name, repairs)
     if repairs:

@@ -28,6 +28,8 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     ``model_state_dict`` or ``model`` is unwrapped.
     """
     path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{path}: is a folder; pass the checkpoint file inside it")
     if not path.is_file():
         raise InputError(f"{path}: weights file not found")
     if path.suffix == ".safetensors":

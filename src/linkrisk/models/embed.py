@@ -8,13 +8,19 @@ the ``precomputed`` adapter reads as input.
 Cache: ``<out>/cache/<model key>/{images,reports}/<chunk key>.npz``. The
 model key hashes the adapter name, the weights' SHA-256, the image
 preprocessing, the tokenizer settings and the precision. A chunk key
-hashes the model key and the chunk's rows: image id, path, byte size and
-modification time, or report id and text. Chunks are written atomically
-(temp file and rename), so a killed run resumes at the first chunk not
-yet on disk and recomputes at most the chunk it was working on. Batches
-never straddle chunks, so a chunk always sees the same batches and the
-resumed result is byte-identical to an uninterrupted run on the same
-device, batch size and library versions.
+hashes the model key and the chunk's rows: image id and file stamp (path,
+size, modification time, inode, status-change time), or report id and
+text. Chunks are written atomically (temp file and rename), so a killed
+run resumes at the first chunk not yet on disk and recomputes at most the
+chunk it was working on. Batches never straddle chunks, so a chunk always
+sees the same batches and the resumed result is byte-identical to an
+uninterrupted run on the same device, batch size and library versions.
+A chunk with an unreadable image is recomputed on every run, so a file
+that was fixed in the meantime is read again.
+
+One run at a time may write an output folder (a lock file guards it).
+``embed.json`` is removed when the outputs are rewritten and written last,
+so a folder without it is incomplete.
 """
 
 from __future__ import annotations
@@ -22,7 +28,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import errno
+import fcntl
 import hashlib
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,6 +40,7 @@ import numpy as np
 import pandas as pd
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
+from PIL import Image
 from rich.text import Text
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
@@ -59,6 +69,9 @@ class EmbedConfig:
         workers: DataLoader worker processes decoding and resizing images (0: in the main process).
         device: torch device of the forward pass (``cpu``, ``cuda``, ``cuda:1``, ``mps``).
         precision: ``fp32``, or ``bf16`` / ``fp16`` autocast on a GPU.
+        fast_decode: decode JPEGs at a reduced scale (libjpeg DCT scaling) that keeps
+            at least twice the model's input size. This is faster, and the pixels differ
+            slightly from the model's own preprocessing.
         progress: show progress bars with rates and remaining time.
     """
 
@@ -68,6 +81,7 @@ class EmbedConfig:
     workers: int = 2
     device: str = "cpu"
     precision: str = "fp32"
+    fast_decode: bool = False
     progress: bool = True
 
     def validate(self) -> "EmbedConfig":
@@ -110,13 +124,13 @@ def _key(*parts: str) -> str:
     return digest.hexdigest()
 
 
-def model_key(adapter, weights_sha256: str, precision: str) -> str:
-    """Hash what determines the features: adapter name, weights, preprocessing, tokenizer, precision."""
+def model_key(adapter, weights_sha256: str, precision: str, fast_decode: bool = False) -> str:
+    """Hash what determines the features: adapter name, weights, preprocessing, tokenizer, precision, decoding."""
     tokenizer = adapter.tokenizer
     tokenizer_text = f"{type(tokenizer).__name__}:{getattr(tokenizer, 'name_or_path', '')}" if tokenizer else ""
     extra = repr(getattr(adapter, "config", ""))
     return _key(type(adapter).__name__, weights_sha256, repr(adapter.preprocess), tokenizer_text,
-                str(adapter.context_length), precision, extra)[:16]
+                str(adapter.context_length), precision, extra, "fast-decode" if fast_decode else "")[:16]
 
 
 class _RateColumn(ProgressColumn):
@@ -139,22 +153,29 @@ def _progress(enabled: bool, unit: str) -> Progress:
 class _ImageFiles(Dataset):
     """Decode and preprocess one image per item; a file that fails yields its error message instead."""
 
-    def __init__(self, paths: list[str], preprocess, float_input: bool):
+    def __init__(self, paths: list[str], preprocess, float_input: bool, draft_size: int | None = None):
         self.paths = paths
         self.preprocess = preprocess
         self.float_input = float_input
+        self.draft_size = draft_size
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int):
         try:
-            image = read_image(self.paths[index])
+            image = read_image(self.paths[index], self.draft_size)
             return index, self.preprocess(image if self.float_input else to_8bit(image)), ""
         except ImageReadError as err:
             return index, None, str(err)
         except (OSError, ValueError) as err:
             return index, None, f"{self.paths[index]}: preprocessing failed ({type(err).__name__}: {err})"
+
+
+def _input_size(adapter) -> int:
+    """Return the largest side of the model's preprocessed input, found by preprocessing one blank image."""
+    sample = adapter.preprocess(Image.new("L", (64, 64)))
+    return int(max(sample.shape[-2:]))
 
 
 def _collate(items):
@@ -222,18 +243,26 @@ def report_store(cohort: PairedCohort, folder: Path, key: str, chunk_size: int) 
 def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
     chunks = _chunks(cohort.n_images, config.chunk_size)
     stored = [store.load(i) for i in range(len(chunks))]
+    # A chunk with an unreadable image is computed again: the failure may have been transient.
+    retried = [i for i, chunk in enumerate(stored) if chunk is not None and not chunk["ok"].all()]
+    for i in retried:
+        stored[i] = None
     missing = [i for i, chunk in enumerate(stored) if chunk is None]
-    logger.info("image features: %d chunks, %d reused from %s, %d to compute", len(chunks),
-                len(chunks) - len(missing), store.folder, len(missing))
+    logger.info("image features: %d chunks, %d reused from %s, %d to compute (%d of them to retry unreadable "
+                "images)", len(chunks), len(chunks) - len(missing), store.folder, len(missing), len(retried))
     if not missing:
         return stored, {"total": len(chunks), "reused": len(chunks), "computed": 0}
 
+    workers = min(config.workers, os.cpu_count() or 1)
+    if workers < config.workers:
+        logger.warning("%d DataLoader workers requested on %d CPUs; using %d", config.workers, os.cpu_count(), workers)
     batches = [list(chunks[i][start:start + config.batch_size])
                for i in missing for start in range(0, len(chunks[i]), config.batch_size)]
     dataset = _ImageFiles(cohort.images["image_path"].tolist(), adapter.preprocess,
-                          getattr(adapter, "accepts_float_images", False))
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=config.workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if config.workers else None,
+                          getattr(adapter, "accepts_float_images", False),
+                          2 * _input_size(adapter) if config.fast_decode else None)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if workers else None,
                         pin_memory=torch.device(config.device).type == "cuda")
     pending = {i: {"features": [], "ok": np.zeros(len(chunks[i]), bool), "errors": [""] * len(chunks[i]),
                    "left": len(chunks[i])} for i in missing}
@@ -329,9 +358,34 @@ def _move(adapter, device: str) -> None:
             module.to(device)
 
 
+def _checked_embeddings(adapter, cohort: PairedCohort, image_features: np.ndarray,
+                        report_features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Project both sides; raise :class:`InputError` where the result could not be audited."""
+    embeddings = []
+    for head, features, ids, side in ((adapter.image_head, image_features, cohort.images["image_id"], "image"),
+                                      (adapter.text_head, report_features, cohort.reports["report_id"], "report")):
+        projected = _project(head, features)
+        if projected.ndim != 2:
+            raise InputError(f"{adapter.name}: the {side} head gives embeddings of shape {list(projected.shape[1:])}, "
+                             "not one vector per row")
+        norms = np.linalg.norm(projected, axis=1)
+        bad = ~np.isfinite(norms) | (norms < 0.5)  # rows are unit length unless the input was zero or non-finite
+        if bad.any():
+            raise InputError(f"{adapter.name}: {int(bad.sum())} {side} embeddings are zero or not finite (first: "
+                             f"id {ids.iloc[int(np.flatnonzero(bad)[0])]}); such rows cannot be ranked")
+        embeddings.append(projected)
+    if embeddings[0].shape[1] != embeddings[1].shape[1]:
+        raise InputError(f"{adapter.name}: image embeddings have {embeddings[0].shape[1]} dimensions but report "
+                         f"embeddings {embeddings[1].shape[1]}; both heads must map into one space")
+    return embeddings[0], embeddings[1]
+
+
 def _write_outputs(out: Path, cohort: PairedCohort, image_features: np.ndarray, report_features: np.ndarray,
                    adapter, metadata: dict) -> None:
     """Write features, id tables, heads, projected embeddings and the audit pairing into ``out``."""
+    image_embeddings, report_embeddings = _checked_embeddings(adapter, cohort, image_features, report_features)
+    # Without embed.json the folder reads as incomplete until every file below is written.
+    (out / "embed.json").unlink(missing_ok=True)
     write_npy(out / "image_features.npy", image_features)
     write_npy(out / "report_features.npy", report_features)
     images = cohort.images[["image_id", "study_id", "patient_id", "report_id", "view"]]
@@ -346,8 +400,34 @@ def _write_outputs(out: Path, cohort: PairedCohort, image_features: np.ndarray, 
     atomic_write(out / "pairs.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
 
     save_heads(out, adapter.image_head, adapter.text_head, {"model": metadata["model"]})
-    write_npy(out / "image.npy", _project(adapter.image_head, image_features))
-    write_npy(out / "report.npy", _project(adapter.text_head, report_features))
+    write_npy(out / "image.npy", image_embeddings)
+    write_npy(out / "report.npy", report_embeddings)
+
+
+@contextlib.contextmanager
+def _locked(out: Path):
+    """Hold an exclusive lock on ``out/.embed.lock`` for the run; the OS releases it if the process dies."""
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / ".embed.lock", "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            if err.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise InputError(f"{out}: another linkrisk embed run is writing this folder; wait for it to finish or "
+                             "choose another --out") from err
+        yield
+
+
+def _remove_stale_temp_files(out: Path) -> None:
+    """Delete temp files (``.NAME.XXXX.tmp``) that a killed run left under ``out``; they may hold features."""
+    removed = 0
+    for path in out.rglob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed += 1
+    if removed:
+        logger.info("removed %d temp files left by an interrupted run under %s", removed, out)
 
 
 def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedConfig | None = None,
@@ -365,9 +445,13 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
     Returns:
         The summary written to ``out/embed.json``: model, dataset, counts, chunks reused and computed, timings.
     """
-    config = (config or EmbedConfig()).validate()
-    model = dict(model or {})
     out = Path(out)
+    with _locked(out):
+        _remove_stale_temp_files(out)
+        return _embed_locked(adapter, cohort, out, (config or EmbedConfig()).validate(), dict(model or {}))
+
+
+def _embed_locked(adapter, cohort: PairedCohort, out: Path, config: EmbedConfig, model: dict) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     cohort.validate()
@@ -378,7 +462,7 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
             report_features = adapter.report_features_for(cohort.reports["report_id"])
         chunks, skipped, key = {}, {}, None
     else:
-        key = model_key(adapter, model.get("weights_sha256", ""), config.precision)
+        key = model_key(adapter, model.get("weights_sha256", ""), config.precision, config.fast_decode)
         cache = out / "cache" / key
         _move(adapter, config.device)
         with stage(f"{cohort.name}: image features ({cohort.n_images} images)"):

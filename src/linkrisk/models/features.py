@@ -1,8 +1,8 @@
 """Encoder features computed once, in chunks, and cached on disk.
 
 Cache layout: ``<cache_dir>/features/<encoder name>/<chunk key>.npz``.
-A chunk key hashes the encoder config and, for images, each image's id,
-path, byte size and modification time (for texts, the texts). A changed
+A chunk key hashes the encoder config and, for images, each image's
+:func:`file_stamp` (for texts, the texts). A changed
 file or encoder setting therefore misses the cache, and a killed run
 resumes at the first chunk not yet written. Chunks are written atomically.
 """
@@ -32,9 +32,16 @@ def _chunk_key(encoder_config: dict, items: Sequence[str]) -> str:
 
 
 def file_stamp(image_id: str, path: str) -> str:
+    """Return the id, path, size, modification time, inode and status-change time of an image file.
+
+    The status-change time (ctime) moves whenever the file is written,
+    replaced, renamed or has its permissions changed, and no copy tool can
+    set it, so content replaced under an unchanged size and mtime (``cp -p``,
+    ``rsync -a``) still changes the stamp.
+    """
     try:
         stat = Path(path).stat()
-        return f"{image_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}"
+        return f"{image_id}|{path}|{stat.st_size}|{stat.st_mtime_ns}|{stat.st_ino}|{stat.st_ctime_ns}"
     except OSError:
         return f"{image_id}|{path}|missing"
 

@@ -74,23 +74,36 @@ def describe_head(head: nn.Module) -> list[dict]:
 
 
 def build_head(layers: list[dict]) -> nn.Sequential:
-    """Build an ``nn.Sequential`` from a layer list written by :func:`describe_head` (weights uninitialised)."""
-    modules: list[nn.Module] = []
-    for layer in layers:
-        kind = layer.get("type")
-        if kind == "linear":
-            modules.append(nn.Linear(int(layer["in"]), int(layer["out"]), bias=bool(layer["bias"])))
-        elif kind == "layer_norm":
-            modules.append(nn.LayerNorm(int(layer["size"]), eps=float(layer["eps"]),
-                                        elementwise_affine=bool(layer["affine"])))
-        elif kind == "gelu":
-            modules.append(nn.GELU(approximate=str(layer.get("approximate", "none"))))
-        elif kind in _ACTIVATIONS:
-            modules.append(_ACTIVATIONS[kind]())
-        else:
-            raise InputError(f"unknown head layer type {kind!r}; valid types: linear, layer_norm, gelu, "
-                             f"{', '.join(_ACTIVATIONS)}")
-    return nn.Sequential(*modules)
+    """Build an ``nn.Sequential`` from a layer list written by :func:`describe_head` (weights uninitialised).
+
+    Raises:
+        InputError: the list or one of its layers is malformed (missing key, wrong type, size below 1).
+    """
+    if not isinstance(layers, list) or not layers:
+        raise InputError(f"a head must be a non-empty list of layers, got {type(layers).__name__}")
+    try:
+        return nn.Sequential(*(_build_layer(layer) for layer in layers))
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as err:
+        raise InputError(f"malformed head layer list ({type(err).__name__}: {err})") from err
+
+
+def _build_layer(layer: dict) -> nn.Module:
+    if not isinstance(layer, dict):
+        raise TypeError(f"a layer must be an object, got {layer!r}")
+    for key in ("in", "out", "size"):
+        if key in layer and int(layer[key]) < 1:
+            raise ValueError(f"layer size {key}={layer[key]} is below 1")
+    kind = layer.get("type")
+    if kind == "linear":
+        return nn.Linear(int(layer["in"]), int(layer["out"]), bias=bool(layer["bias"]))
+    if kind == "layer_norm":
+        return nn.LayerNorm(int(layer["size"]), eps=float(layer["eps"]), elementwise_affine=bool(layer["affine"]))
+    if kind == "gelu":
+        return nn.GELU(approximate=str(layer.get("approximate", "none")))
+    if kind in _ACTIVATIONS:
+        return _ACTIVATIONS[kind]()
+    raise InputError(f"unknown head layer type {kind!r}; valid types: linear, layer_norm, gelu, "
+                     f"{', '.join(_ACTIVATIONS)}")
 
 
 def as_sequential(head: nn.Module) -> nn.Sequential:
@@ -102,6 +115,8 @@ def as_sequential(head: nn.Module) -> nn.Sequential:
             would compute something else.
     """
     layers = describe_head(head)
+    if not all(torch.isfinite(parameter).all() for parameter in head.parameters()):
+        raise InputError(f"the {type(head).__name__} head's weights contain NaN or infinity; use trained, finite weights")
     copy = build_head(layers)
     for target, source in zip(copy, _leaves(head)):
         if not isinstance(source, nn.Dropout):
@@ -156,8 +171,9 @@ def load_heads(folder: Path) -> tuple[nn.Sequential, nn.Sequential, dict]:
         raise InputError(f"{path}: not found; expected heads.json and heads.safetensors") from err
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
         raise InputError(f"{path}: not readable JSON ({err})") from err
-    if spec.get("format") != HEADS_FORMAT:
-        raise InputError(f"{path}: format {spec.get('format')!r} is not {HEADS_FORMAT!r}")
+    if not isinstance(spec, dict) or spec.get("format") != HEADS_FORMAT:
+        found = spec.get("format") if isinstance(spec, dict) else type(spec).__name__
+        raise InputError(f"{path}: format {found!r} is not {HEADS_FORMAT!r}")
     try:
         tensors = load_file(str(folder / "heads.safetensors"))
     except (SafetensorError, OSError) as err:
@@ -165,7 +181,12 @@ def load_heads(folder: Path) -> tuple[nn.Sequential, nn.Sequential, dict]:
 
     heads = []
     for name in ("image_head", "text_head"):
-        head = build_head(spec[name])
+        if name not in spec:
+            raise InputError(f"{path}: no {name} entry")
+        try:
+            head = build_head(spec[name])
+        except InputError as err:
+            raise InputError(f"{path}: {name}: {err}") from err
         prefix = f"{name}."
         try:
             head.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})

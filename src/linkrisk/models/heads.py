@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -81,8 +82,10 @@ def load_heads(folder: Path) -> tuple[DualHeads, dict]:
     folder = Path(folder)
     try:
         metadata = json.loads((folder / "heads.json").read_text(encoding="utf-8"))
-        heads = DualHeads(metadata["image_dim"], metadata["text_dim"], metadata["embed_dim"])
+        heads = DualHeads(int(metadata["image_dim"]), int(metadata["text_dim"]), int(metadata["embed_dim"]))
         heads.load_state_dict(load_file(str(folder / "heads.safetensors")))
-    except (OSError, KeyError, json.JSONDecodeError, RuntimeError) as err:
-        raise InputError(f"{folder}: cannot load projection heads ({type(err).__name__}: {err})") from err
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError, SafetensorError) as err:
+        # json.JSONDecodeError and UnicodeDecodeError are ValueErrors; a list in place of an object is a TypeError.
+        raise InputError(f"{folder}: not a heads folder written by linkrisk demo, or a damaged one "
+                         f"({type(err).__name__}: {err}); pass runs/<demo>/models/original or models/dp") from err
     return heads, metadata

@@ -49,6 +49,8 @@ def _read_array(path: Path, allow_patches: bool = False) -> np.ndarray:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, EOFError, OSError) as err:
         raise InputError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from err
+    if not isinstance(array, np.ndarray):
+        raise InputError(f"{path}: is an .npz archive, not a single .npy array; save each array with numpy.save")
     shapes = "[rows, dimensions] or [rows, patches, dimensions]" if allow_patches else "[rows, dimensions]"
     if array.ndim not in ((2, 3) if allow_patches else (2,)) or not np.issubdtype(array.dtype, np.floating):
         raise InputError(f"{path}: expected a float array {shapes}, got shape {array.shape} and dtype {array.dtype}")
@@ -125,7 +127,29 @@ class PrecomputedAdapter:
                                  f"has {self.report_features.shape[1]}; both must be in one embedding space")
             self.image_head = identity_head(self.image_features.shape[1])
             self.text_head = identity_head(self.report_features.shape[1])
-        self.embed_dim = int(self.image_head(torch.zeros(1, *self.image_features.shape[1:])).shape[-1])
+        self.embed_dim = self._check_heads(folder)
+
+    def _check_heads(self, folder: Path) -> int:
+        """Run both heads on one zero row; return the embedding dimension they share."""
+        dims = []
+        for head, features, name in ((self.image_head, self.image_features, "image"),
+                                     (self.text_head, self.report_features, "text")):
+            try:
+                with torch.no_grad():
+                    out = head(torch.zeros(1, *features.shape[1:]))
+            except RuntimeError as err:
+                raise InputError(f"{folder}: the {name} head does not accept features of shape "
+                                 f"{list(features.shape[1:])} ({err}); the features and heads.json must come from "
+                                 "the same model") from err
+            if out.ndim != 2:
+                raise InputError(f"{folder}: the {name} head maps features of shape {list(features.shape[1:])} to "
+                                 f"{list(out.shape[1:])}, not to one vector per row; patch-grid features need a head "
+                                 "ending in patch_mean")
+            dims.append(int(out.shape[-1]))
+        if dims[0] != dims[1]:
+            raise InputError(f"{folder}: the image head gives {dims[0]}-d embeddings but the text head {dims[1]}-d; "
+                             "both must map into one embedding space")
+        return dims[0]
 
     def _lookup(self, features: np.ndarray, index: pd.Index, ids, kind: str) -> np.ndarray:
         rows = index.get_indexer(pd.Index(ids).astype(str))

@@ -63,6 +63,7 @@ class ReferenceAdapter:
     """
 
     context_length = None  # WordLlama reads whole texts; nothing is truncated.
+    accepts_float_images = True  # 16-bit images reach the preprocessing at full precision, as in the demo.
 
     def __init__(self, folder: str | Path, text_weights: str | Path | None = None):
         folder = Path(folder)
@@ -71,15 +72,20 @@ class ReferenceAdapter:
             if key not in metadata:
                 raise InputError(f"{folder / 'heads.json'}: no {key} entry; pass a heads folder written by "
                                  "linkrisk demo (models/original or models/dp)")
-        image_config = dict(metadata["image_encoder"])
-        self.image_encoder = create_image_encoder(image_config.pop("name"), **image_config)
-        text_config = metadata["text_encoder"]
-        self.text_encoder = WordLlamaTextEncoder(text_weights, config_name=text_config["config_name"],
-                                                 dim=int(text_config["dim"]))
+        try:
+            image_config = dict(metadata["image_encoder"])
+            self.image_encoder = create_image_encoder(image_config.pop("name"), **image_config)
+            text_config = dict(metadata["text_encoder"])
+            config_name, dim = str(text_config["config_name"]), int(text_config["dim"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise InputError(f"{folder / 'heads.json'}: damaged encoder entry ({type(err).__name__}: {err}); "
+                             "pass a heads folder written by linkrisk demo") from err
+        self.text_encoder = WordLlamaTextEncoder(text_weights, config_name=config_name, dim=dim)
         if self.text_encoder.weights_sha256 != text_config.get("weights_sha256"):
             raise InputError(f"{folder / 'heads.json'}: the heads were fitted on WordLlama weights with SHA-256 "
                              f"{text_config.get('weights_sha256')}, but {self.text_encoder.weights_dir} holds "
-                             f"{self.text_encoder.weights_sha256}; pass --text-weights with the original files")
+                             f"{self.text_encoder.weights_sha256}; install the wordllama version the heads were "
+                             "fitted with, or pass its folder as text_weights (Python API)")
 
         self.name = f"reference:{folder}"
         self.image_head = fold_standardisation(heads.image_head)
