@@ -12,10 +12,14 @@ times in alternation:
 - (b) the embedding run's image side (:func:`linkrisk.models.embed.embed_cohort`
   internals: DataLoader with ``--workers`` decoding processes, forward,
   chunk writes) into a fresh cache;
-- (c) the same with decoding in the main process (``workers = 0``).
+- (c) the same with one decoding worker;
+- (d) the same with decoding in the main process (``workers = 0``);
+- (e) as (b) with ``fast_decode`` (JPEGs decoded at reduced scale).
 
 The figure of merit is (b)/(a): the cost of data loading and caching on
-top of the forward pass.
+top of the forward pass. Each repeat measures (a) right before (b), (c)
+and (d), and the ratios are taken per repeat, then the median over
+repeats, so a burst of load from other processes skews one repeat only.
 
     python benchmarks/embed.py --data ../shared/data
 """
@@ -88,22 +92,25 @@ def main() -> None:
         # One warm-up batch so that one-time allocations count in neither part.
         adapter.encode_image_features(batches[0])
 
-        times: dict[str, list[float]] = {"a": [], "b": [], "c": []}
+        times: dict[str, list[float]] = {"a": [], "b": [], "c": [], "d": [], "e": []}
         for repeat in range(args.repeats):
             times["a"].append(bare_forward(adapter, batches))
-            for part, workers in (("b", args.workers), ("c", 0)):
-                config = EmbedConfig(batch_size=args.batch_size, chunk_size=512, workers=workers, progress=False)
+            for part, workers, fast in (("b", args.workers, False), ("c", 1, False), ("d", 0, False),
+                                        ("e", args.workers, True)):
+                config = EmbedConfig(batch_size=args.batch_size, chunk_size=512, workers=workers, fast_decode=fast,
+                                     progress=False)
                 times[part].append(embedding_run(adapter, cohort, Path(tmp) / f"cache-{part}-{repeat}", config))
 
     median = {part: statistics.median(values) for part, values in times.items()}
+    ratios = {f"{part}_over_a": [round(t / a, 3) for t, a in zip(times[part], times["a"])] for part in "bcde"}
     print(json.dumps({
         "machine": {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
                     "python": platform.python_version()},
         "model": args.model_config, "images": n, "batch_size": args.batch_size, "workers": args.workers,
         "seconds": {part: [round(v, 2) for v in values] for part, values in times.items()},
         "images_per_second": {part: round(n / value, 2) for part, value in median.items()},
-        "ratio_b_over_a": round(median["b"] / median["a"], 3),
-        "ratio_c_over_a": round(median["c"] / median["a"], 3),
+        "ratios_per_repeat": ratios,
+        "median_ratio": {name: statistics.median(values) for name, values in ratios.items()},
     }, indent=2))
 
 
