@@ -11,7 +11,8 @@ import torch
 from opacus import GradSampleModule
 
 from linkrisk.mitigate import DPConfig, default_delta, train_dp_heads
-from linkrisk.mitigate.dp import PublicBankLoss, _patient_tensors, init_private_heads
+from linkrisk.mitigate.dp import init_private_heads, patient_tensors
+from linkrisk.mitigate.losses import InBatchLoss, PublicBankLoss
 from linkrisk.models.heads import DualHeads
 
 
@@ -44,8 +45,8 @@ def test_epsilon_spent_within_target(toy):
     assert record["steps"] == 5 * 3
 
 
-def test_sample_rate_matches_opacus_loader():
-    # 31 patients in batches of 10: Opacus samples at 1/ceil(31/10) = 1/4, 4 steps an epoch.
+def test_sample_rate_is_batch_size_over_patients():
+    # 31 patients, expected batch 10: sampling rate 10/31, ceil(31/10) = 4 steps an epoch.
     rng = np.random.default_rng(1)
     reports = rng.normal(size=(31, 12)).astype(np.float32)
     images = rng.normal(size=(31, 20)).astype(np.float32)
@@ -53,10 +54,11 @@ def test_sample_rate_matches_opacus_loader():
     _, record = train_dp_heads(images, reports, np.arange(31), np.arange(31).astype(str),
                                rng.normal(size=(5, 20)).astype(np.float32), rng.normal(size=(40, 12)).astype(np.float32),
                                config, progress=False)
-    assert record["sample_rate"] == pytest.approx(0.25)
-    assert record["expected_batch_size"] == pytest.approx(31 / 4)
+    assert record["sample_rate"] == pytest.approx(10 / 31)
+    assert record["expected_batch_size"] == pytest.approx(10)
     assert record["steps"] == 8
-    assert 0.45 < record["epsilon_spent"]["prv"] <= 0.5
+    assert record["epsilon_spent"]["prv"] <= 0.5
+    assert 0.4 < record["epsilon_spent"]["rdp"] <= 0.5
 
 
 def test_unseeded_noise_differs_and_seeded_is_flagged(toy):
@@ -114,10 +116,10 @@ def _per_patient_grads(model, image, text, mask):
 
 def test_per_patient_gradients_are_independent(toy):
     images, reports, report_row, patients, public_images, public_reports = toy
-    image, text, mask = _patient_tensors(images, reports, report_row, patients)
+    image, text, mask = patient_tensors(images, reports, report_row, patients)
     heads = DualHeads(20, 12, 8, 0.1)
-    heads.log_logit_scale.requires_grad_(False)
-    model = PublicBankLoss(heads, torch.as_tensor(public_images), torch.as_tensor(public_reports), 0.1)
+    model = PublicBankLoss(heads.image_head, heads.text_head, torch.as_tensor(public_images),
+                           torch.as_tensor(public_reports), 0.1)
     before = _per_patient_grads(model, image[:6], text[:6], mask[:6])
 
     changed = image[:6].clone()
@@ -165,3 +167,63 @@ def test_secure_mode_without_torchcsprng_is_clear(toy):
     config = DPConfig(epsilon=1.0, delta=1e-5, epochs=1, batch_size=10, embed_dim=8, bank_size=40, secure_mode=True)
     with pytest.raises(ConfigError, match="secure_mode needs the torchcsprng package"):
         train_dp_heads(*toy, config, progress=False)
+
+
+def test_tiny_sample_rate_completes():
+    """500 patients sampled at rate 0.001: about one patient every other step, many empty batches."""
+    rng = np.random.default_rng(2)
+    reports = rng.normal(size=(500, 12)).astype(np.float32)
+    images = rng.normal(size=(500, 20)).astype(np.float32)
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=1, sample_rate=0.001, embed_dim=8, bank_size=40, noise_seed=4)
+    _, record = train_dp_heads(images, reports, np.arange(500), np.arange(500).astype(str),
+                               rng.normal(size=(5, 20)).astype(np.float32), rng.normal(size=(40, 12)).astype(np.float32),
+                               config, progress=False)
+    assert record["sample_rate"] == 0.001
+    assert record["steps"] == 1000
+    assert record["empty_batches"] > 400
+    assert record["epsilon_spent"]["prv"] <= 1.0
+    assert record["epsilon_spent"]["rdp"] <= 1.0
+
+
+def test_in_batch_loss_is_marked(toy):
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=2, batch_size=10, embed_dim=8, loss="in_batch")
+    _, record = train_dp_heads(*toy, config, progress=False)
+    assert record["formal_guarantee"] is False
+    assert "ε not a formal guarantee (in-batch negatives couple examples)" in record["guarantee_notes"]
+    assert record["public_bank"] is None
+
+
+def test_in_batch_loss_couples_opacus_gradients(toy):
+    images, reports, report_row, patients, *_ = toy
+    image, text, mask = patient_tensors(images, reports, report_row, patients)
+    heads = DualHeads(20, 12, 8, 0.1)
+    model = InBatchLoss(heads.image_head, heads.text_head, 0.1)
+    before = _per_patient_grads(model, image[:6], text[:6], mask[:6])
+    changed = image[:6].clone()
+    changed[0] = changed[0] * -3.0 + 1.0
+    after = _per_patient_grads(model, changed, text[:6], mask[:6])
+    assert any(not torch.allclose(g0[1:], g1[1:], atol=1e-6) for g0, g1 in zip(before, after))
+
+
+def test_fine_tunes_original_heads(toy):
+    torch.manual_seed(0)
+    image_head = torch.nn.Sequential(torch.nn.Linear(20, 16), torch.nn.GELU(), torch.nn.Linear(16, 8))
+    text_head = torch.nn.Linear(12, 8)
+    config = DPConfig(epsilon=2.0, delta=1e-5, epochs=2, batch_size=10, init="original", noise_seed=1)
+    heads, record = train_dp_heads(*toy, config, progress=False, initial_heads=(image_head, text_head))
+    assert record["init"] == "original"
+    assert any("covers this fine-tuning only" in note for note in record["guarantee_notes"])
+    assert isinstance(heads.image_head, torch.nn.Sequential)
+    assert not torch.equal(heads.image_head[0].weight, image_head[0].weight)
+    with pytest.raises(Exception, match="init 'original' needs the model's heads"):
+        train_dp_heads(*toy, config, progress=False)
+
+
+def test_infinite_epsilon_trains_without_noise(toy):
+    config = DPConfig(epsilon=float("inf"), epochs=2, batch_size=10, embed_dim=8, seed=3, noise_seed=2)
+    first, record = train_dp_heads(*toy, config, progress=False)
+    second, _ = train_dp_heads(*toy, config, progress=False)
+    assert record["noise_multiplier"] == 0.0
+    assert record["epsilon_spent"] == {"prv": float("inf"), "rdp": float("inf")}
+    assert record["formal_guarantee"] is False
+    assert torch.equal(first.image_head.linear.weight, second.image_head.linear.weight)

@@ -1,26 +1,41 @@
 """DP-SGD (Opacus) on the projection heads, encoders frozen, one patient per privacy unit.
 
-Why this loss is sound for DP: in-batch InfoNCE scores each example
-against the other private examples in its batch, so one patient's data
-moves every other example's gradient and per-example clipping no longer
-bounds one patient's influence. Here each patient's loss depends only on
-that patient's own image-report pairs and on a fixed *public* negative
-bank (features of a cohort the user marks public, for example Open-i),
-embedded under the current heads without gradient. Per-patient gradients
-are therefore functions of one patient's data alone, which is what
-Opacus's clipping and noise assume.
+Loss (:mod:`linkrisk.mitigate.losses`): by default each patient's loss
+depends only on that patient's own image-report pairs and on a fixed
+*public* negative bank (features of a cohort the user marks public, for
+example Open-i), embedded under the current heads without gradient.
+Per-patient gradients are then functions of one patient's data alone,
+which is what Opacus's clipping and noise assume. ``loss="in_batch"``
+(the usual CLIP loss, as in published DP-CLIP experiments) contrasts
+patients with each other: its ε is reported but marked as no formal
+guarantee.
 
-Neither the heads' initialisation nor their input standardisation uses
-private data: both come from the public cohort's features (PCA axes and
-per-feature mean and standard deviation).
+Start (``init``): ``"original"`` fine-tunes the model's own heads, which
+is sound when those heads were trained on other data than the private
+cohort (a published model audited on a hospital's own data);
+``"public"`` builds fresh heads from public-cohort features only
+(standardisation and PCA axes), for heads that saw the private cohort.
+
+Sampling and accounting: each patient enters each step independently
+with probability ``sample_rate`` (Poisson sampling, Opacus's
+``UniformWithReplacementSampler``), for ``ceil(1 / sample_rate)`` steps
+per epoch. The noise multiplier is calibrated to the target (ε, δ) at
+exactly that rate and step count, for both the PRV and the RDP
+accountant (the larger noise wins), and ε is reported under both. A step with an empty batch still adds noise, as the
+accounting assumes. Gradients are summed per step and the learning rate
+is divided by the expected batch size, so an expected batch below one
+patient works.
 
 Privacy unit: the patient. A patient's pairs are padded to the largest
 pair count and masked, and their losses are averaged into one
-per-patient loss. Adding or removing a patient therefore changes one row of the dataset.
+per-patient loss. Adding or removing a patient therefore changes one row
+of the dataset. ``epsilon = inf`` trains the same way without clipping
+or noise: the non-private end of an ε sweep.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import secrets
@@ -28,17 +43,18 @@ import warnings
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from opacus import PrivacyEngine
+from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.optimizers import DPOptimizer
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from rich.progress import Progress
 from torch import nn
-from torch.utils.data import DataLoader, TensorDataset
 
 from linkrisk._logging import logger
 from linkrisk.errors import ConfigError, InputError
-from linkrisk.models.heads import DualHeads
+from linkrisk.mitigate.losses import LOSSES, InBatchLoss, PublicBankLoss
+from linkrisk.models.heads import DualHeads, HeadPair
 from linkrisk.models.train import init_pca
 
 # Published reference setting (MIMIC-CXR heads): epsilon 0.34 at delta 6e-6.
@@ -52,9 +68,9 @@ MAX_EPSILON = 100.0
 
 
 def validate_privacy_target(epsilon: float, delta: float | None) -> None:
-    """Raise :class:`ConfigError` unless ``0 < epsilon <= 100`` and ``0 < delta < 1`` (or delta is None)."""
-    if not (0 < epsilon <= MAX_EPSILON):
-        raise ConfigError(f"epsilon must be in (0, {MAX_EPSILON:g}], got {epsilon}")
+    """Raise :class:`ConfigError` unless ``0 < epsilon <= 100`` or infinite, and ``0 < delta < 1`` (or None)."""
+    if not (0 < epsilon <= MAX_EPSILON or epsilon == math.inf):
+        raise ConfigError(f"epsilon must be in (0, {MAX_EPSILON:g}] or inf (no DP), got {epsilon}")
     if delta is not None and not (0 < delta < 1):
         raise ConfigError(f"delta must be in (0, 1), got {delta}; the default is 6e-6 or 0.1/n when smaller")
 
@@ -64,13 +80,18 @@ def default_delta(n_units: int) -> float:
     return min(DEFAULT_DELTA, 0.1 / max(n_units, 1))
 
 
+INITS = ("public", "original")
+
+
 @dataclasses.dataclass
 class DPConfig:
     """DP-SGD options; all of them are written to the results.
 
-    ``noise_multiplier`` None (default) calibrates the noise to
-    ``(epsilon, delta)``; a number fixes it and the spent epsilon is
-    reported instead.
+    ``batch_size`` is the expected number of patients per step: the
+    sampling rate is ``batch_size / n_patients`` unless ``sample_rate``
+    sets it directly. ``noise_multiplier`` None (default) calibrates the
+    noise to ``(epsilon, delta)``; a number fixes it and the spent epsilon
+    is reported instead.
 
     ``noise_seed`` None (default) draws Poisson sampling and noise from a
     fresh, unrecorded OS-entropy seed. A number makes the run
@@ -84,57 +105,51 @@ class DPConfig:
     delta: float | None = None
     epochs: int = 20
     batch_size: int = 64
+    sample_rate: float | None = None
     max_grad_norm: float = 1.0
     lr: float = 0.05
     embed_dim: int = 64
     temperature: float = 0.1
     bank_size: int = 1024
     accountant: str = "prv"
+    loss: str = "public_bank"
+    init: str = "public"
     noise_multiplier: float | None = None
     secure_mode: bool = False
     noise_seed: int | None = None
     seed: int = 0
 
-
-class PublicBankLoss(nn.Module):
-    """Per-patient loss: InfoNCE of each own pair against a fixed public bank, both directions.
-
-    Input shapes: ``image [B, P, image_dim]``, ``text [B, P, text_dim]``,
-    ``mask [B, P]`` (1 for a real pair). Output: ``[B]`` per-patient loss.
-    """
-
-    def __init__(self, heads: DualHeads, bank_image: torch.Tensor, bank_text: torch.Tensor, temperature: float):
-        super().__init__()
-        self.heads = heads
-        self.register_buffer("bank_image", bank_image)
-        self.register_buffer("bank_text", bank_text)
-        self.logit_scale = 1.0 / temperature
-
-    def forward(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        u = F.normalize(self.heads.image_head(image), dim=-1)
-        v = F.normalize(self.heads.text_head(text), dim=-1)
-        with torch.no_grad():  # the bank is a constant per step: no per-patient gradient flows through it
-            bank_u = F.normalize(self.heads.image_head(self.bank_image), dim=-1)
-            bank_v = F.normalize(self.heads.text_head(self.bank_text), dim=-1)
-        positive = (u * v).sum(-1, keepdim=True)
-        image_to_text = torch.cat([positive, u @ bank_v.T], dim=-1) * self.logit_scale
-        text_to_image = torch.cat([positive, v @ bank_u.T], dim=-1) * self.logit_scale
-        pair_loss = 0.5 * (torch.logsumexp(image_to_text, -1) + torch.logsumexp(text_to_image, -1)) \
-            - positive.squeeze(-1) * self.logit_scale
-        return (pair_loss * mask).sum(-1) / mask.sum(-1).clamp_min(1.0)
+    def validate(self) -> "DPConfig":
+        """Check every option; raise :class:`ConfigError` naming the first invalid one."""
+        validate_privacy_target(self.epsilon, self.delta)
+        if self.accountant not in ("prv", "rdp"):
+            raise ConfigError(f"unknown accountant {self.accountant!r}; valid accountants: prv, rdp")
+        if self.loss not in LOSSES:
+            raise ConfigError(f"unknown loss {self.loss!r}; valid losses: {', '.join(LOSSES)}")
+        if self.init not in INITS:
+            raise ConfigError(f"unknown init {self.init!r}; valid values: {', '.join(INITS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise ConfigError(f"epochs and batch size must be at least 1, got {self.epochs} and {self.batch_size}")
+        if self.sample_rate is not None and not 0 < self.sample_rate <= 1:
+            raise ConfigError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.max_grad_norm <= 0 or self.lr <= 0 or self.temperature <= 0:
+            raise ConfigError("max_grad_norm, lr and temperature must be positive, got "
+                              f"{self.max_grad_norm}, {self.lr} and {self.temperature}")
+        return self
 
 
-def _patient_tensors(image_features: np.ndarray, text_features: np.ndarray, report_row: np.ndarray,
-                     patient_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def patient_tensors(image_features: np.ndarray, text_features: np.ndarray, report_row: np.ndarray,
+                    patient_ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Group pairs by patient: ``image [n_patients, P, ...]``, ``text [n_patients, P, d]``, ``mask [n_patients, P]``."""
     patients, index = np.unique(np.asarray(patient_ids), return_inverse=True)
     max_pairs = int(np.bincount(index).max())
-    image = torch.zeros(len(patients), max_pairs, image_features.shape[1])
+    image = torch.zeros(len(patients), max_pairs, *image_features.shape[1:])
     text = torch.zeros(len(patients), max_pairs, text_features.shape[1])
     mask = torch.zeros(len(patients), max_pairs)
     slot = np.zeros(len(patients), dtype=np.int64)
     for row, p in enumerate(index):
-        image[p, slot[p]] = torch.as_tensor(image_features[row])
-        text[p, slot[p]] = torch.as_tensor(text_features[report_row[row]])
+        image[p, slot[p]] = torch.as_tensor(np.asarray(image_features[row], np.float32))
+        text[p, slot[p]] = torch.as_tensor(np.asarray(text_features[report_row[row]], np.float32))
         mask[p, slot[p]] = 1.0
         slot[p] += 1
     return image, text, mask
@@ -162,13 +177,21 @@ def _spent_epsilon(history: list, delta: float) -> dict[str, float]:
 
 
 def _guarantee_notes(config: DPConfig) -> list[str]:
-    notes = ["per-patient loss uses only that patient's pairs and a public negative bank, so clipping bounds "
-             "each patient's influence"]
+    if config.epsilon == math.inf:
+        return ["epsilon = inf: trained without clipping or noise, no privacy guarantee"]
+    if config.loss == "in_batch":
+        notes = ["ε not a formal guarantee (in-batch negatives couple examples)"]
+    else:
+        notes = ["per-patient loss uses only that patient's pairs and a public negative bank, so clipping bounds "
+                 "each patient's influence"]
     if config.noise_seed is not None:
         notes.append("sampling and noise were seeded and the seed is recorded: not a formal guarantee")
     if not config.secure_mode:
         notes.append("secure_mode off: noise from torch's default generator, not a cryptographically secure one, "
                      "and no protection against floating-point attacks on Gaussian sampling")
+    if config.init == "original":
+        notes.append("the heads started from the model's original heads; ε covers this fine-tuning only, not the "
+                     "data those heads were first trained on")
     return notes
 
 
@@ -186,29 +209,76 @@ def init_private_heads(public_image_features: np.ndarray, public_text_features: 
     return heads
 
 
+def _generators(config: DPConfig) -> tuple[torch.Generator, torch.Generator]:
+    """Return the sampling and noise generators: seeded, fresh entropy, or cryptographically secure."""
+    if config.secure_mode:
+        try:
+            import torchcsprng
+        except ImportError as err:
+            raise ConfigError(f"secure_mode needs the torchcsprng package, which is not installed ({err}); "
+                              "install a torchcsprng build for this torch version or turn secure_mode off") from err
+        return (torchcsprng.create_random_device_generator("/dev/urandom"),
+                torchcsprng.create_random_device_generator("/dev/urandom"))
+    seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(62)
+    return torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed + 1)
+
+
+def _noise_multiplier(config: DPConfig, delta: float, sample_rate: float, steps: int) -> float:
+    """Return the smallest noise multiplier at which both the PRV and the RDP accountant stay within ε.
+
+    Opacus's noise search runs once per accountant and the larger result
+    is kept, so the reported ε of either accountant is at most the target.
+    """
+    if config.epsilon == math.inf:
+        return 0.0
+    if config.noise_multiplier is not None:
+        return float(config.noise_multiplier)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=_PRV_DOMAIN_WARNING)
+        try:
+            return max(float(get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
+                                                  sample_rate=sample_rate, steps=steps, accountant=accountant))
+                       for accountant in ("prv", "rdp"))
+        except ValueError as err:  # Opacus: "The privacy budget is too low."
+            raise ConfigError(f"no noise level reaches epsilon {config.epsilon} at delta {delta:.3g} with {steps} "
+                              f"steps at sampling rate {sample_rate:.3g} ({err}); raise epsilon or train fewer "
+                              "epochs") from err
+
+
+def _starting_heads(config: DPConfig, initial_heads: tuple[nn.Module, nn.Module] | None,
+                    public_image: np.ndarray, public_text: np.ndarray) -> HeadPair:
+    if config.init == "public":
+        return init_private_heads(public_image, public_text, config)
+    if initial_heads is None:
+        raise ConfigError("init 'original' needs the model's heads; pass initial_heads, or use init 'public'")
+    image_head, text_head = (copy.deepcopy(head).train().requires_grad_(True) for head in initial_heads)
+    heads = HeadPair(image_head, text_head, config.temperature)
+    heads.log_logit_scale.requires_grad_(False)
+    return heads
+
+
 def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report_row: np.ndarray,
                    patient_ids: np.ndarray, public_image_features: np.ndarray, public_text_features: np.ndarray,
-                   config: DPConfig = DPConfig(), progress: bool = True) -> tuple[DualHeads, dict]:
-    """Train new heads with DP-SGD at a target (epsilon, delta) per patient.
+                   config: DPConfig = DPConfig(), progress: bool = True,
+                   initial_heads: tuple[nn.Module, nn.Module] | None = None) -> tuple[HeadPair, dict]:
+    """Train heads with DP-SGD at a target (epsilon, delta) per patient.
 
     Args:
-        image_features: ``[n_images, image_dim]`` private training image features.
+        image_features: ``[n_images, ...]`` private training image features.
         text_features: ``[n_reports, text_dim]`` private training report features.
         report_row: ``[n_images]`` row of each image's report in ``text_features``.
         patient_ids: ``[n_images]`` patient of each image (the privacy unit).
-        public_image_features: ``[n_pub_images, image_dim]`` features of a public cohort.
+        public_image_features: ``[n_pub_images, ...]`` features of a public cohort.
         public_text_features: ``[n_pub_reports, text_dim]`` features of a public cohort.
         config: DP and optimisation options.
+        initial_heads: the model's own ``(image_head, text_head)``, copied and fine-tuned
+            when ``config.init`` is ``"original"``.
 
     Returns:
         ``(heads, record)``. ``record`` contains everything needed to reproduce
         the run and the epsilon spent under the PRV and RDP accountants.
     """
-    if config.accountant not in ("prv", "rdp"):
-        raise ConfigError(f"unknown accountant {config.accountant!r}; valid accountants: prv, rdp")
-    validate_privacy_target(config.epsilon, config.delta)
-    if config.epochs < 1 or config.batch_size < 1:
-        raise ConfigError(f"epochs and batch size must be at least 1, got {config.epochs} and {config.batch_size}")
+    config.validate()
     if public_image_features.shape[1:] != image_features.shape[1:] or public_text_features.shape[1:] != text_features.shape[1:]:
         raise InputError(
             f"public cohort features {public_image_features.shape[1:]}/{public_text_features.shape[1:]} differ in "
@@ -217,109 +287,121 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     if len(public_text_features) == 0 or len(public_image_features) == 0:
         raise InputError("DP training needs a public cohort with at least one image and one report for its negative bank")
 
-    image, text, mask = _patient_tensors(image_features, text_features, report_row, patient_ids)
+    image, text, mask = patient_tensors(image_features, text_features, report_row, patient_ids)
     n_patients = len(image)
     delta = config.delta if config.delta is not None else default_delta(n_patients)
     if delta >= 1.0 / n_patients:
         logger.warning("DP: delta %.3g is not below 1/n = %.3g; the guarantee is weak", delta, 1.0 / n_patients)
-    batch_size = min(config.batch_size, n_patients)
+    sample_rate = config.sample_rate if config.sample_rate is not None else min(1.0, config.batch_size / n_patients)
+    # The tolerance keeps 1 / (10 / 30) = 3.0000000000000004 at 3 steps.
+    steps_per_epoch = max(1, math.ceil(1.0 / sample_rate - 1e-9))
+    planned_steps = config.epochs * steps_per_epoch
+    expected_batch = n_patients * sample_rate
+    noise_multiplier = _noise_multiplier(config, delta, sample_rate, planned_steps)
 
     rng = np.random.default_rng(config.seed)
     bank_rows = rng.choice(len(public_text_features), size=min(config.bank_size, len(public_text_features)), replace=False)
-    heads = init_private_heads(public_image_features, public_text_features, config)
-    model = PublicBankLoss(heads, torch.as_tensor(public_image_features),
-                           torch.as_tensor(public_text_features[bank_rows]), config.temperature)
-
-    # Opacus's Poisson loader samples each patient with probability 1 / len(loader)
-    # per step, for len(loader) steps an epoch; calibrate the noise to exactly that.
-    random_seed = config.noise_seed if config.noise_seed is not None else secrets.randbits(63)
-    loader = DataLoader(TensorDataset(image, text, mask), batch_size=batch_size,
-                        generator=torch.Generator().manual_seed(random_seed))
-    sample_rate = 1.0 / len(loader)
-    planned_steps = config.epochs * len(loader)
-    if config.noise_multiplier is None:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=_PRV_DOMAIN_WARNING)
-            try:
-                noise_multiplier = get_noise_multiplier(target_epsilon=config.epsilon, target_delta=delta,
-                                                        sample_rate=sample_rate, steps=planned_steps,
-                                                        accountant=config.accountant)
-            except ValueError as err:  # Opacus: "The privacy budget is too low."
-                raise ConfigError(f"no noise level reaches epsilon {config.epsilon} at delta {delta:.3g} with "
-                                  f"{planned_steps} steps at sampling rate {sample_rate:.3g} ({err}); raise epsilon "
-                                  "or train fewer epochs") from err
+    heads = _starting_heads(config, initial_heads, public_image_features, public_text_features)
+    if config.loss == "public_bank":
+        model = PublicBankLoss(heads.image_head, heads.text_head, torch.as_tensor(np.asarray(public_image_features, np.float32)),
+                               torch.as_tensor(np.asarray(public_text_features[bank_rows], np.float32)), config.temperature)
     else:
-        noise_multiplier = float(config.noise_multiplier)
-    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr, momentum=0.9)
-    if not config.secure_mode:
-        logger.info("DP: secure_mode is off (torch's generator, not a cryptographic one); turn it on for a release")
-    if config.noise_seed is not None:
-        logger.warning("DP: sampling and noise are seeded (noise_seed %d): the run is reproducible, "
-                       "so its epsilon is not a formal guarantee", config.noise_seed)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        try:
-            engine = PrivacyEngine(accountant=config.accountant, secure_mode=config.secure_mode)
-        except ImportError as err:
-            raise ConfigError(f"secure_mode needs the torchcsprng package, which is not installed ({err}); "
-                              "install a torchcsprng build for this torch version or turn secure_mode off") from err
-    private_model, optimizer, private_loader = engine.make_private(
-        module=model, optimizer=optimizer, data_loader=loader, noise_multiplier=noise_multiplier,
-        max_grad_norm=config.max_grad_norm, poisson_sampling=True,
-        noise_generator=None if config.secure_mode else torch.Generator().manual_seed(random_seed + 1),
-    )
+        model = InBatchLoss(heads.image_head, heads.text_head, config.temperature)
+    sampling, noise = _generators(config)
+    # Summed per-patient gradients, divided by the expected batch size through the learning rate.
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=config.lr / expected_batch,
+                                momentum=0.9)
+    private = config.epsilon != math.inf
+    if private:
+        model = GradSampleModule(model)
+        optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=config.max_grad_norm,
+                                expected_batch_size=max(1, round(expected_batch)), loss_reduction="sum",
+                                generator=noise, secure_mode=config.secure_mode)
+        if not config.secure_mode:
+            logger.info("DP: secure_mode is off (torch's generator, not a cryptographic one); turn it on for a release")
+        if config.noise_seed is not None:
+            logger.warning("DP: sampling and noise are seeded (noise_seed %d): the run is reproducible, "
+                           "so its epsilon is not a formal guarantee", config.noise_seed)
+        if config.loss == "in_batch":
+            logger.warning("DP: in-batch negatives couple patients, so the reported epsilon is not a formal guarantee")
+    sampler = UniformWithReplacementSampler(num_samples=n_patients, sample_rate=sample_rate, generator=sampling,
+                                            steps=steps_per_epoch)
 
-    steps, empty_batches = 0, 0
-    private_model.train()
+    history, steps, empty_batches = [], 0, 0
+    model.train()
     with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("DP-SGD on projection heads", total=config.epochs)
+        task = bar.add_task("DP-SGD on projection heads" if private else "non-private fine-tuning (epsilon = inf)",
+                            total=config.epochs)
         for _ in range(config.epochs):
-            for batch_image, batch_text, batch_mask in private_loader:
+            for indices in sampler:
+                batch = torch.as_tensor(indices, dtype=torch.long)
                 optimizer.zero_grad()
-                per_patient = private_model(batch_image, batch_text, batch_mask)
-                if len(per_patient) == 0:
-                    empty_batches += 1
-                    loss = per_patient.sum()  # zero; the step still adds noise, as the accounting assumes
-                else:
-                    loss = per_patient.mean()
+                per_patient = model(image[batch], text[batch], mask[batch])
+                empty_batches += int(len(batch) == 0)
                 with warnings.catch_warnings():
                     # Opacus's hooks fire on outputs: the frozen features need no gradient.
                     warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                    loss.backward()
+                    per_patient.sum().backward()  # zero for an empty batch; the step still adds noise
                 optimizer.step()
+                history.append((noise_multiplier, sample_rate, 1))
                 steps += 1
             bar.advance(task)
+    if private:
+        model._close()
 
-    spent = _spent_epsilon(engine.accountant.history, delta) if noise_multiplier > 0 else {"prv": math.inf, "rdp": math.inf}
+    if not private:
+        spent = {"prv": math.inf, "rdp": math.inf}
+    elif noise_multiplier > 0:
+        spent = _spent_epsilon(_merge(history), delta)
+    else:
+        spent = {"prv": math.inf, "rdp": math.inf}
     heads.eval()
+    formal = private and config.loss == "public_bank" and config.noise_seed is None
     record = {
-        "epsilon": float(config.epsilon) if config.noise_multiplier is None else spent[config.accountant],
+        "epsilon": float(config.epsilon) if config.noise_multiplier is None or not private else spent[config.accountant],
         "epsilon_target": float(config.epsilon) if config.noise_multiplier is None else None,
         "epsilon_spent": spent,
         "delta": float(delta),
         "accountant": config.accountant,
         "noise_multiplier": float(noise_multiplier),
-        "sample_rate": float(private_loader.sample_rate),
-        "expected_batch_size": float(n_patients * private_loader.sample_rate),
+        "sample_rate": float(sample_rate),
+        "expected_batch_size": float(expected_batch),
         "steps": int(steps),
+        "steps_per_epoch": int(steps_per_epoch),
         "empty_batches": int(empty_batches),
         "epochs": int(config.epochs),
-        "max_grad_norm": float(config.max_grad_norm),
+        "max_grad_norm": float(config.max_grad_norm) if private else None,
         "lr": float(config.lr),
-        "optimizer": "SGD(momentum=0.9)",
-        "loss": "public-bank InfoNCE (per-patient, both directions)",
-        "formal_guarantee": config.noise_seed is None,
+        "optimizer": "SGD(momentum=0.9), summed gradients, lr / expected batch size",
+        "loss": config.loss,
+        "loss_description": ("public-bank InfoNCE (per-patient, both directions)" if config.loss == "public_bank"
+                             else "in-batch symmetric InfoNCE"),
+        "init": config.init,
+        "formal_guarantee": formal,
         "guarantee_notes": _guarantee_notes(config),
         "privacy_unit": "patient",
         "n_private_patients": int(n_patients),
-        "public_bank": {"images": int(len(public_image_features)), "reports": int(len(bank_rows))},
+        "public_bank": {"images": int(len(public_image_features)), "reports": int(len(bank_rows))}
+        if config.loss == "public_bank" else None,
         "temperature": float(config.temperature),
-        "embed_dim": int(config.embed_dim),
-        "initialisation": "PCA of public-cohort features; standardisation from public-cohort features",
+        "embed_dim": int(config.embed_dim) if config.init == "public" else None,
+        "initialisation": ("PCA of public-cohort features; standardisation from public-cohort features"
+                           if config.init == "public" else "the model's original heads"),
         "secure_mode": bool(config.secure_mode),
         "noise_seed": config.noise_seed,
         "seed": int(config.seed),
     }
-    logger.info("DP: %d steps, noise multiplier %.3f, sample rate %.3f, epsilon spent %.4f (PRV) / %.4f (RDP) at delta %.2g",
-                steps, noise_multiplier, sample_rate, spent["prv"], spent["rdp"], delta)
+    logger.info("DP: %d steps, noise multiplier %.3f, sample rate %.4f, epsilon spent %.4f (PRV) / %.4f (RDP) at "
+                "delta %.2g", steps, noise_multiplier, sample_rate, spent["prv"], spent["rdp"], delta)
     return heads, record
+
+
+def _merge(history: list[tuple[float, float, int]]) -> list[tuple[float, float, int]]:
+    """Merge consecutive identical ``(noise, rate, steps)`` entries, as Opacus's accountants record them."""
+    merged: list[tuple[float, float, int]] = []
+    for noise, rate, count in history:
+        if merged and merged[-1][:2] == (noise, rate):
+            merged[-1] = (noise, rate, merged[-1][2] + count)
+        else:
+            merged.append((noise, rate, count))
+    return merged

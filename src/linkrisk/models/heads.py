@@ -40,33 +40,51 @@ class ProjectionHead(nn.Module):
         return self.linear((features - self.mean) / self.std)
 
 
-class DualHeads(nn.Module):
-    """Image and text projection heads with one shared logit scale (1 / temperature)."""
+def embed_rows(head: nn.Module, features: np.ndarray | None, batch_size: int = 8192) -> np.ndarray | None:
+    """Project ``features`` ``[n, ...]`` with ``head`` and L2-normalise the rows; float32 ``[n, embed_dim]``."""
+    if features is None:
+        return None
+    with torch.no_grad():
+        out = [nn.functional.normalize(head(torch.as_tensor(np.asarray(features[i:i + batch_size], np.float32))), dim=-1)
+               for i in range(0, len(features), batch_size)]
+        if out:
+            return torch.cat(out).numpy()
+        width = head(torch.zeros(1, *np.asarray(features).shape[1:])).shape[-1]
+    return np.zeros((0, width), np.float32)
 
-    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 64, temperature: float = 0.07):
+
+class HeadPair(nn.Module):
+    """An image head and a text head mapping frozen features into one embedding space.
+
+    The heads may be any modules that Opacus can train (``ProjectionHead``,
+    ``nn.Linear``, an ``nn.Sequential`` from a model adapter).
+    """
+
+    def __init__(self, image_head: nn.Module, text_head: nn.Module, temperature: float = 0.07):
         super().__init__()
-        self.image_head = ProjectionHead(image_dim, embed_dim)
-        self.text_head = ProjectionHead(text_dim, embed_dim)
+        self.image_head = image_head
+        self.text_head = text_head
         self.log_logit_scale = nn.Parameter(torch.tensor(float(np.log(1.0 / temperature))))
-
-    @property
-    def dims(self) -> dict[str, int]:
-        return {"image_dim": self.image_head.linear.in_features, "text_dim": self.text_head.linear.in_features,
-                "embed_dim": self.image_head.linear.out_features}
 
     @torch.no_grad()
     def embed(self, image_features: np.ndarray | None = None, text_features: np.ndarray | None = None,
               batch_size: int = 8192) -> tuple[np.ndarray | None, np.ndarray | None]:
         """Project features and L2-normalise rows; returns float32 arrays ``[n, embed_dim]``."""
-        def run(head: ProjectionHead, features: np.ndarray | None) -> np.ndarray | None:
-            if features is None:
-                return None
-            out = [nn.functional.normalize(head(torch.as_tensor(features[i:i + batch_size])), dim=-1)
-                   for i in range(0, len(features), batch_size)]
-            return torch.cat(out).numpy() if out else np.zeros((0, head.linear.out_features), np.float32)
-
         self.eval()
-        return run(self.image_head, image_features), run(self.text_head, text_features)
+        return embed_rows(self.image_head, image_features, batch_size), embed_rows(self.text_head, text_features,
+                                                                                    batch_size)
+
+
+class DualHeads(HeadPair):
+    """Image and text :class:`ProjectionHead` s with one shared logit scale (1 / temperature)."""
+
+    def __init__(self, image_dim: int, text_dim: int, embed_dim: int = 64, temperature: float = 0.07):
+        super().__init__(ProjectionHead(image_dim, embed_dim), ProjectionHead(text_dim, embed_dim), temperature)
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"image_dim": self.image_head.linear.in_features, "text_dim": self.text_head.linear.in_features,
+                "embed_dim": self.image_head.linear.out_features}
 
 
 def save_heads(heads: DualHeads, folder: Path, metadata: dict) -> None:
