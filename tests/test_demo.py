@@ -233,3 +233,35 @@ def test_risk_table_written_per_run(demo_run):
             assert risk["p_top1_pool"].mean() == pytest.approx(full["value"])
         expected_rank = 1 + run["full_pool"]["mean_normalised_rank"] * (run["n_candidates"] - 1)
         assert risk["full_pool_rank"].mean() == pytest.approx(expected_rank)
+
+
+def test_sweep_frontier_and_refit_in_outputs(demo_run):
+    out, results = demo_run
+    sweep = results["sweep"]
+    assert [p["epsilon"] for p in sweep["points"]] == [0.1, 0.34, 1.0, 3.0, 10.0, "inf"]
+    for point in sweep["points"][:-1]:
+        assert point["dp"]["epsilon_spent"]["prv"] <= point["epsilon"]
+        assert point["dp"]["epsilon_spent"]["rdp"] <= point["epsilon"]
+        assert point["dp"]["formal_guarantee"] is True
+    relations = {row["cohort"]: row["relation"] for row in sweep["original"]}
+    assert relations == {"covid_test": "held-out patients", "covid_train": "training patients", "openi": "transfer"}
+    for point in sweep["points"]:
+        for row in point["targets"]:
+            for entry in row["recall_at_1"]:
+                assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
+    training = {row["cohort"]: row["probe"] for row in sweep["original"]}
+    assert "skipped" in training["covid_train"]
+    assert "skipped" in training["openi"]
+    assert "macro_auroc" in training["covid_test"]
+
+    refit = results["refit"][0]
+    assert refit["target"] == "covid_test"
+    assert {row["method"] for row in refit["table"]} == {"infonce", "ridge", "procrustes"}
+    assert {row["k"] for row in refit["table"]} == {50, 200, "all"}
+
+    html = (out / "report.html").read_text(encoding="utf-8")
+    assert "Mitigation: DP-trained heads across ε" in html
+    assert "Refit attacker" in html
+    assert "held-out patients" in html
+    assert html.count("data:image/png;base64,") >= 7
+    assert (out / "models" / "sweep" / "eps-0.34" / "heads.safetensors").is_file()

@@ -1,4 +1,4 @@
-"""Command-line interface: ``linkrisk demo``, ``audit``, ``embed`` and ``data describe``.
+"""Command-line interface: ``linkrisk demo``, ``audit``, ``embed``, ``mitigate`` and ``data describe``.
 
 A :class:`~linkrisk.errors.LinkriskError` is printed as one line on
 standard error with exit status 2; no traceback reaches the user for an
@@ -272,6 +272,74 @@ def embed(
         f"{counts['name']}: {counts['n_images']} images and {counts['n_reports']} reports embedded into {out} "
         f"(features {summary['model']['image_feature_shape']} / {summary['model']['text_feature_dim']}, "
         f"embeddings {summary['model']['embed_dim']}-d); audit with: linkrisk audit {out}")
+
+
+def _parse_epsilons(text: str) -> list[float]:
+    values = []
+    for part in text.split(","):
+        part = part.strip().lower()
+        try:
+            value = float("inf") if part in ("inf", "infinity") else float(part)
+        except ValueError:
+            value = float("nan")
+        if not (value > 0):
+            raise ConfigError(f"invalid epsilon {part!r} in --epsilons; use positive numbers or inf, comma-separated")
+        values.append(value)
+    return values
+
+
+@app.command()
+def mitigate(
+    train: Annotated[Path, typer.Option(help="Private training cohort: a folder written by linkrisk embed.")],
+    public: Annotated[Path, typer.Option(help="Cohort marked public (negative bank, and the start with --init public): a linkrisk embed folder.")],
+    out: Annotated[Path, typer.Option(help="Output folder: mitigate.json, report.html, heads/ (one folder per epsilon).")],
+    target: Annotated[Optional[list[Path]], typer.Option(help="Other cohort to audit and probe with each set of heads (repeat the option); a linkrisk embed folder. The training patients are always audited.")] = None,
+    epsilons: Annotated[str, typer.Option(help="Target epsilons, comma-separated; inf trains without DP.")] = "0.1,0.34,1,3,10,inf",
+    delta: Annotated[Optional[float], typer.Option(help="Target delta (default: 6e-6, or 0.1/n when smaller).")] = None,
+    loss: Annotated[str, typer.Option(help="public-bank (sound for DP) or in-batch (CLIP loss; epsilon is then no formal guarantee).")] = "public-bank",
+    init: Annotated[str, typer.Option(help="original (fine-tune the model's heads) or public (fresh heads from public features).")] = "original",
+    epochs: Annotated[int, typer.Option(min=1, help="Passes over the training patients.")] = 20,
+    batch_size: Annotated[int, typer.Option(min=1, help="Expected patients per step (sampling rate = batch size / patients).")] = 64,
+    sample_rate: Annotated[Optional[float], typer.Option(help="Poisson sampling rate per step; overrides --batch-size.")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-patient gradient clipping norm C.")] = 1.0,
+    lr: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9).")] = 0.05,
+    holdout: Annotated[float, typer.Option(help="Fraction of the training folder's patients kept out of training and audited as held-out patients (0: none).")] = 0.0,
+    refit_aux: Annotated[Optional[Path], typer.Option(help="Attacker's auxiliary pairs (a linkrisk embed folder) for the refit attack on each target.")] = None,
+    refit_ks: Annotated[str, typer.Option(help="Auxiliary pair counts k of the refit attacker, comma-separated; all = every pair.")] = "50,200,all",
+    n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per interval.")] = 1000,
+    seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Seed of public choices and bootstraps.")] = 0,
+    dp_noise_seed: Annotated[Optional[int], typer.Option(min=0, max=2**62, help="Seed DP sampling and noise for a reproducible run; epsilon is then no formal guarantee.")] = None,
+    secure_mode: Annotated[bool, typer.Option(help="Cryptographically secure noise (Opacus secure_mode; needs torchcsprng).")] = False,
+    quiet: Annotated[bool, typer.Option(help="Log warnings only; no progress bars.")] = False,
+) -> None:
+    """Train DP heads at several epsilons; audit linkage, probe utility and run the refit attacker on each target."""
+    _setup_logging(quiet)
+    import dataclasses
+
+    from linkrisk.mitigate import DPConfig
+    from linkrisk.mitigate.dp import INITS
+    from linkrisk.mitigate.losses import LOSSES
+    from linkrisk.mitigate.run import run_mitigation
+
+    try:
+        config = DPConfig(delta=delta, epochs=epochs, batch_size=batch_size, sample_rate=sample_rate,
+                          max_grad_norm=max_grad_norm, lr=lr, loss=_choice(loss, LOSSES, "--loss"),
+                          init=_choice(init, INITS, "--init"), noise_seed=dp_noise_seed, secure_mode=secure_mode,
+                          seed=seed)
+        parsed = _parse_epsilons(epsilons)
+        for value in parsed:
+            dataclasses.replace(config, epsilon=value).validate()
+        ks = [part.strip() for part in refit_ks.split(",")]
+        if any(k != "all" and not (k.isdigit() and int(k) >= 2) for k in ks):
+            raise ConfigError(f"invalid --refit-ks {refit_ks!r}; use integers >= 2 or all, comma-separated")
+        run_mitigation(train, public, target or [], out, parsed, config, refit_aux=refit_aux,
+                       refit_ks=[k if k == "all" else int(k) for k in ks], holdout=holdout, n_boot=n_boot, seed=seed,
+                       progress=not quiet)
+    except LinkriskError as err:
+        _fail(err)
+    except (OSError, EOFError) as err:
+        _fail_io(err)
+    Console(soft_wrap=True).print(f"mitigation written to {out / 'mitigate.json'} and {out / 'report.html'}")
 
 
 data_app = typer.Typer(add_completion=False, no_args_is_help=True,

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import math
 import platform
 from pathlib import Path
 
@@ -35,8 +36,11 @@ from linkrisk.audit.run import run_audit, run_audits
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
 from linkrisk.mitigate import DPConfig, train_dp_heads
+from linkrisk.mitigate.run import refit_on_targets
+from linkrisk.mitigate.sweep import epsilon_sweep
 from linkrisk.models.features import embed_images, embed_texts
-from linkrisk.models.heads import DualHeads, save_heads
+from linkrisk.models.heads import DualHeads, plain_head, save_heads
+from linkrisk.models.precomputed import FeatureCohort
 from linkrisk.models.image_encoders import create_image_encoder
 from linkrisk.models.text_encoders import WordLlamaTextEncoder
 from linkrisk.models.train import FitConfig, fit_heads
@@ -60,6 +64,8 @@ class DemoConfig:
     ks: tuple = (1, 5, 10)
     n_boot: int = 1000
     seed: int = 0
+    epsilons: tuple = (0.1, 0.34, 1.0, 3.0, 10.0, math.inf)
+    refit_ks: tuple = (50, 200, "all")
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     progress: bool = True
@@ -229,6 +235,8 @@ def run_demo(config: DemoConfig) -> dict:
             probes.append(_probe("openi", heads_name, heads, openi_features.part(openi_train_cohort),
                                  openi_features.part(openi_test_cohort), config))
 
+    sweep, refit = _sweep_and_refit(train, test, openi_features, original, config)
+
     results = {
         "schema_version": SCHEMA_VERSION,
         "linkrisk_version": __version__,
@@ -247,12 +255,38 @@ def run_demo(config: DemoConfig) -> dict:
         "runs": runs,
         "mitigation": mitigation,
         "probe": probes,
+        "sweep": sweep,
+        "refit": refit,
     }
     with stage("write results"):
         write_json(out / "results.json", results)
         write_html_report(results, out / "report.html")
     logger.info("wrote %s, %s and %s", out / "results.json", out / "report.html", out / "embeddings")
     return results
+
+
+def _feature_cohort(name: str, source: str, features: Features, heads: DualHeads) -> FeatureCohort:
+    cohort = features.cohort
+    labels = cohort.label_matrix(cohort.images["report_id"]) if cohort.label_names else np.zeros((cohort.n_images, 0))
+    return FeatureCohort(name, source, features.image, features.report, features.report_row, features.patient_ids,
+                         labels, list(cohort.label_names), plain_head(heads.image_head), plain_head(heads.text_head))
+
+
+def _sweep_and_refit(train: Features, test: Features, openi: Features, original: DualHeads,
+                     config: DemoConfig) -> tuple[dict, list[dict]]:
+    """Run the ε sweep on COVID training patients and the refit attacker against the held-out patients."""
+    train_cohort = _feature_cohort("covid_train", "covid", train, original)
+    test_cohort = _feature_cohort("covid_test", "covid", test, original)
+    openi_cohort = _feature_cohort("openi", "openi", openi, original)
+    # The demo's original heads were fitted on the training patients, so DP heads start from public features.
+    sweep_config = dataclasses.replace(config.dp, init="public", seed=config.seed)
+    with stage(f"epsilon sweep ({', '.join(f'{e:g}' for e in config.epsilons)})"):
+        sweep = epsilon_sweep(train_cohort, openi_cohort, [test_cohort, train_cohort, openi_cohort],
+                              list(config.epsilons), sweep_config, n_boot=config.n_boot, seed=config.seed,
+                              checkpoint_dir=config.out_dir / "models" / "sweep", progress=config.progress)
+    with stage("refit attacker: COVID training pairs against the held-out patients"):
+        refit = refit_on_targets(train_cohort, [test_cohort], list(config.refit_ks), config.n_boot, config.seed)
+    return sweep, refit
 
 
 def _config_record(config: DemoConfig, cache_dir: Path) -> dict:
@@ -263,4 +297,6 @@ def _config_record(config: DemoConfig, cache_dir: Path) -> dict:
     record["text_weights"] = str(config.text_weights) if config.text_weights else None
     record["pools"] = list(config.pools)
     record["ks"] = list(config.ks)
+    record["epsilons"] = [e if math.isfinite(e) else "inf" for e in config.epsilons]
+    record["refit_ks"] = list(config.refit_ks)
     return record

@@ -40,6 +40,22 @@ class ProjectionHead(nn.Module):
         return self.linear((features - self.mean) / self.std)
 
 
+def fold_standardisation(head: ProjectionHead) -> nn.Linear:
+    """Fold ``linear((x - mean) / std)`` into one ``nn.Linear`` with weight ``W / std`` and bias ``b - W (mean / std)``."""
+    source = head.linear
+    linear = nn.Linear(source.in_features, source.out_features, bias=True)
+    with torch.no_grad():
+        weight = source.weight / head.std
+        linear.weight.copy_(weight)
+        linear.bias.copy_(source.bias - weight @ head.mean)
+    return linear
+
+
+def plain_head(head: nn.Module) -> nn.Module:
+    """Return ``head`` with a :class:`ProjectionHead`'s standardisation folded into its linear layer (others unchanged)."""
+    return fold_standardisation(head) if isinstance(head, ProjectionHead) else head
+
+
 def embed_rows(head: nn.Module, features: np.ndarray | None, batch_size: int = 8192) -> np.ndarray | None:
     """Project ``features`` ``[n, ...]`` with ``head`` and L2-normalise the rows; float32 ``[n, embed_dim]``."""
     if features is None:

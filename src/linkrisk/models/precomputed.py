@@ -20,6 +20,9 @@ valid input here):
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +30,7 @@ import pandas as pd
 import torch
 from torch import nn
 
+from linkrisk._logging import logger
 from linkrisk.errors import InputError
 from linkrisk.models.head_io import load_heads
 
@@ -176,3 +180,81 @@ class PrecomputedAdapter:
 
     def warn_truncated(self) -> None:
         """Log nothing: the texts were encoded elsewhere."""
+
+
+@dataclasses.dataclass
+class FeatureCohort:
+    """A cohort's cached pre-projection features with everything mitigation, audits and probes need.
+
+    Attributes:
+        name, source: cohort name and where its features came from.
+        fingerprint: content hash of the features and ids (checkpoint keys).
+        image_features: ``[n_images, ...]``; report_features: ``[n_reports, d_text]``.
+        report_row: ``[n_images]`` row of each image's true report.
+        patient_ids: ``[n_images]`` patient of each image (str).
+        image_labels: ``[n_images, L]`` labels of each image's report (1, 0, -1, NaN); label_names: ``L`` names.
+        image_head, text_head: the model's heads for these features.
+    """
+
+    name: str
+    source: str
+    image_features: np.ndarray
+    report_features: np.ndarray
+    report_row: np.ndarray
+    patient_ids: np.ndarray
+    image_labels: np.ndarray
+    label_names: list[str]
+    image_head: nn.Module
+    text_head: nn.Module
+    fingerprint: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.fingerprint:
+            digest = hashlib.sha256()
+            for array in (self.image_features, self.report_features, self.report_row):
+                digest.update(np.ascontiguousarray(array).tobytes())
+            digest.update("\0".join(map(str, self.patient_ids)).encode())
+            self.fingerprint = digest.hexdigest()[:16]
+
+    def subset(self, patients: set[str], name: str) -> "FeatureCohort":
+        """Return the images of ``patients`` with only the reports they point to."""
+        keep = np.isin(self.patient_ids, list(patients))
+        reports, new_row = np.unique(self.report_row[keep], return_inverse=True)
+        return FeatureCohort(name, self.source, self.image_features[keep], self.report_features[reports],
+                             new_row.astype(np.int64), self.patient_ids[keep], self.image_labels[keep],
+                             list(self.label_names), self.image_head, self.text_head)
+
+
+def load_feature_cohort(folder: str | Path, name: str | None = None) -> FeatureCohort:
+    """Read a ``linkrisk embed`` output folder (pre-projection features, ids, labels, heads) as a :class:`FeatureCohort`."""
+    folder = Path(folder)
+    adapter = PrecomputedAdapter(folder)
+    if not adapter.pre_projection:
+        raise InputError(f"{folder}: no image_features.npy and report_features.npy; mitigation trains heads on "
+                         "pre-projection features, so pass a folder written by linkrisk embed")
+    images_path = folder / "images.parquet"
+    try:
+        images = pd.read_parquet(images_path, columns=["image_id", "patient_id", "report_id"])
+        reports = pd.read_parquet(folder / "reports.parquet")
+    except (OSError, ValueError, KeyError) as err:
+        raise InputError(f"{images_path}: needs image_id, patient_id and report_id columns ({err})") from err
+    position = pd.Series(np.arange(len(reports)), index=reports["report_id"].astype(str).values)
+    missing = ~images["report_id"].astype(str).isin(position.index)
+    if missing.any():
+        raise InputError(f"{images_path}: {int(missing.sum())} images point to a report_id missing from "
+                         f"reports.parquet (first: {images['report_id'][missing].iloc[0]})")
+    report_row = position.loc[images["report_id"].astype(str).values].to_numpy().astype(np.int64)
+    label_names = [c for c in reports.columns if c != "report_id"]
+    labels = reports[label_names].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    source = folder.name
+    summary = folder / "embed.json"
+    if summary.is_file():
+        try:
+            source = json.loads(summary.read_text(encoding="utf-8"))["dataset"]["source"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("%s: unreadable; the cohort's source is taken from the folder name", summary)
+    # Copies in memory: training and projection write into tensors made from these arrays.
+    return FeatureCohort(name or folder.name, str(source), np.array(adapter.image_features, np.float32),
+                         np.array(adapter.report_features, np.float32), report_row,
+                         images["patient_id"].astype(str).to_numpy(), labels[report_row] if len(label_names) else
+                         np.zeros((len(images), 0)), label_names, adapter.image_head, adapter.text_head)

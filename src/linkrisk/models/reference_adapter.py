@@ -17,24 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from torch import nn
 
 from linkrisk.data.images import grayscale_array
 from linkrisk.errors import InputError
-from linkrisk.models.heads import ProjectionHead, load_heads
+from linkrisk.models.heads import fold_standardisation, load_heads
 from linkrisk.models.image_encoders import create_image_encoder
 from linkrisk.models.text_encoders import WordLlamaTextEncoder
-
-
-def fold_standardisation(head: ProjectionHead) -> nn.Linear:
-    """Fold ``linear((x - mean) / std)`` into one ``nn.Linear`` with weight ``W / std`` and bias ``b - W (mean / std)``."""
-    source = head.linear
-    linear = nn.Linear(source.in_features, source.out_features, bias=True)
-    with torch.no_grad():
-        weight = source.weight / head.std
-        linear.weight.copy_(weight)
-        linear.bias.copy_(source.bias - weight @ head.mean)
-    return linear
 
 
 class GrayscalePreprocess:

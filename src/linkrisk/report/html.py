@@ -85,8 +85,13 @@ def render_html(results: dict) -> str:
     cohorts = list(dict.fromkeys(run["cohort"] for run in random_runs))
     plots = {cohort: _recall_plot(random_runs, cohort) for cohort in cohorts}
     headlines = {(run["cohort"], run["heads"]): _headline(run) for run in random_runs}
+    mitigation_html = ""
+    if results.get("sweep"):
+        from linkrisk.report.mitigation import render_mitigation_section
+
+        mitigation_html = render_mitigation_section(results)
     return env.get_template("report.html").render(
-        results=results, random_runs=random_runs, matched_runs=matched_runs, cohorts=cohorts, plots=plots,
+        results=results, mitigation_html=mitigation_html, random_runs=random_runs, matched_runs=matched_runs, cohorts=cohorts, plots=plots,
         headlines=headlines, extra_rows=[(run, _headline(run)) for run in extra_runs],
         cohort_titles=COHORT_TITLES, heads_titles=HEADS_TITLES, probe_titles=PROBE_TITLES,
     )
