@@ -233,9 +233,9 @@ def _noise_multiplier(config: DPConfig, delta: float, sample_rate: float, steps:
     """Return the smallest noise multiplier at which both the PRV and the RDP accountant stay within ε.
 
     Opacus's noise search calibrates the PRV accountant. The RDP bound over
-    the extended orders (``RDP_ORDERS``) is then checked at that noise and,
-    if it exceeds ε, the noise is raised by bisection until it does not, so
-    the reported ε of either accountant is at most the target.
+    the extended orders (``RDP_ORDERS``) is then checked at that noise. If
+    it exceeds ε, bisection raises the noise until it does not, so the
+    reported ε of either accountant is at most the target.
     """
     if config.epsilon == math.inf:
         return 0.0

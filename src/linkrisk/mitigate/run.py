@@ -34,7 +34,7 @@ def refit_on_targets(aux: FeatureCohort, targets: list[FeatureCohort], ks: list,
 
 
 def refit_table(result: dict) -> list[dict]:
-    """One row per (method, k): the first draw's Recall@1 at the smallest pool with its CI, and the spread over draws."""
+    """Summarise the attack per (method, k): the first draw's Recall@1 at the smallest pool with its CI, and the spread over draws."""
     rows = []
     for summary in result["summary"]:
         first = next(e for e in result["entries"] if e["method"] == summary["method"] and e["k"] == summary["k"])

@@ -75,8 +75,8 @@ def probe_with_heads(image_head: nn.Module, train: FeatureCohort, target: Featur
     """Fit label probes on the training cohort's image embeddings and score them on the target's.
 
     Returns the probe result, or ``{"skipped": reason}`` when the target shares no label with the
-    training cohort or shares patients with it (a probe scored on its own training patients says
-    nothing about utility).
+    training cohort or shares patients with it. A probe scored on its own training patients would
+    not measure utility.
     """
     labels = [name for name in train.label_names if name in target.label_names]
     if not labels:

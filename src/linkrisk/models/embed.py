@@ -12,9 +12,10 @@ hashes the model key and the chunk's rows: image id and file stamp (path,
 size, modification time, inode, status-change time), or report id and
 text. Chunks are written atomically (temp file and rename), so a killed
 run resumes at the first chunk not yet on disk and recomputes at most the
-chunk it was working on. Batches never straddle chunks, so a chunk always
-sees the same batches and the resumed result is byte-identical to an
-uninterrupted run on the same device, batch size and library versions.
+chunk it was working on. Batches never straddle chunks, so a chunk is
+always computed from the same batches and the resumed result is
+byte-identical to an uninterrupted run on the same device, batch size and
+library versions.
 A chunk with an unreadable image is recomputed on every run, so a file
 that was fixed in the meantime is read again.
 
@@ -438,7 +439,7 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
         adapter: a model adapter (:mod:`linkrisk.models.adapters`) or a
             :class:`~linkrisk.models.precomputed.PrecomputedAdapter`.
         cohort: the paired cohort; unreadable images are dropped and counted.
-        out: output folder (created); ``out/cache`` holds the resumable chunks.
+        out: output folder (created); ``out/cache`` contains the resumable chunks.
         config: batch sizes, chunk size, workers, device and precision.
         model: model name, weights path and ``weights_sha256`` for the cache key and ``embed.json``.
 
