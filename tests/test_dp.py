@@ -227,3 +227,17 @@ def test_infinite_epsilon_trains_without_noise(toy):
     assert record["epsilon_spent"] == {"prv": float("inf"), "rdp": float("inf")}
     assert record["formal_guarantee"] is False
     assert torch.equal(first.image_head.linear.weight, second.image_head.linear.weight)
+
+
+def test_ghost_clipping_matches_per_sample_gradients(toy):
+    """Same sampling, no noise: ghost clipping and per-patient gradients train the same heads."""
+    config = DPConfig(epsilon=1.0, delta=1e-5, epochs=3, batch_size=10, embed_dim=8, bank_size=40, noise_seed=5,
+                      noise_multiplier=0.0, max_grad_norm=0.05)
+    ghost, record = train_dp_heads(*toy, config, progress=False)
+    per_sample, other = train_dp_heads(*toy, dataclasses.replace(config, clipping="per_sample"), progress=False)
+    assert record["clipping"].startswith("ghost")
+    assert other["clipping"] == "per-sample gradients"
+    torch.testing.assert_close(ghost.image_head.linear.weight, per_sample.image_head.linear.weight, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(ghost.text_head.linear.weight, per_sample.text_head.linear.weight, rtol=1e-4, atol=1e-5)
+    start = init_private_heads(toy[4], toy[5], config)
+    assert not torch.allclose(ghost.image_head.linear.weight, start.image_head.linear.weight)
