@@ -24,9 +24,10 @@ each peak RSS belongs to one part.
 Sampling rate, steps per epoch and noise calibration are those of the
 whole epoch over ``--pairs`` patients. The loop stops after
 ``--max-steps`` steps (0 runs the whole epoch), and the epoch time is
-scaled up by step count. A whole DP epoch over 200,000 pairs would take
-an estimated 7 to 17 minutes on the 2-core CI-class machine of
-``benchmarks/README.md``, depending on load (scaled from measured steps). Grouping pairs by patient
+scaled up by step count. On the 2-core CI-class machine of
+``benchmarks/README.md`` a whole epoch over 200,000 pairs takes about a
+minute without DP or with ghost clipping, and about 7 minutes with
+per-sample gradients (estimates scaled from measured steps). Grouping pairs by patient
 (``patient_tensors``), noise calibration and the final epsilon accounting
 run once per call and are timed apart from the steps. Wrappers on the
 classes that ``train_dp_heads`` uses split each step into the public-bank
