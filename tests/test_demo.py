@@ -115,7 +115,8 @@ def test_outputs_hold_no_report_text(demo_run, covid, openi):
 def test_report_embeds_plots_and_no_external_assets(demo_run):
     out, _ = demo_run
     html = (out / "report.html").read_text()
-    assert html.count("data:image/png;base64,") == 3
+    # Recall@1 against N per cohort (3), the ε frontier per sweep target (3) and the refit attacker (1).
+    assert html.count("data:image/png;base64,") == 7
     assert not re.search(r"""(src|href)=["']https?://""", html)
     assert "Recall@1" in html
     assert "ε" in html
@@ -251,7 +252,8 @@ def test_sweep_frontier_and_refit_in_outputs(demo_run):
                 assert entry["ci95"][0] <= entry["value"] <= entry["ci95"][1]
     training = {row["cohort"]: row["probe"] for row in sweep["original"]}
     assert "skipped" in training["covid_train"]
-    assert "skipped" in training["openi"]
+    # COVID findings and Open-i's CheXpert labels share few names, and 40 Open-i images leave none usable.
+    assert "skipped" in training["openi"] or training["openi"]["skipped_labels"]
     assert "macro_auroc" in training["covid_test"]
 
     refit = results["refit"][0]

@@ -128,3 +128,42 @@ def test_cli_mitigate_errors(folders, tmp_path):
                                  "--refit-ks", "1"])
     assert result.exit_code == 2
     assert "invalid --refit-ks" in result.output
+
+
+def test_per_patient_gradients_independent_on_real_features(folders):
+    """Opacus per-patient gradients on real COVID features: changing one patient leaves the others' unchanged."""
+    import warnings
+
+    import torch
+    from opacus import GradSampleModule
+
+    from linkrisk.mitigate.dp import patient_tensors
+    from linkrisk.mitigate.losses import InBatchLoss, PublicBankLoss
+
+    covid, openi = folders
+    cohort, public = load_feature_cohort(covid), load_feature_cohort(openi)
+    image, text, mask = patient_tensors(cohort.image_features, cohort.report_features, cohort.report_row,
+                                        cohort.patient_ids)
+    assert mask.sum(1).max() > 1  # some real patients have several pairs
+
+    def grads(model, batch_image):
+        module = GradSampleModule(model)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            module(batch_image, text[:8], mask[:8]).sum().backward()
+        out = [p.grad_sample.detach().clone() for p in module.parameters() if p.requires_grad]
+        module._close()
+        return out
+
+    changed = image[:8].clone()
+    changed[0] = image[9, 0]  # patient 0 gets another patient's image features
+    torch.manual_seed(0)
+    heads = (torch.nn.Linear(image.shape[-1], 32), torch.nn.Linear(text.shape[-1], 32))
+    bank = PublicBankLoss(*heads, torch.as_tensor(public.image_features),
+                          torch.as_tensor(public.report_features[:512]), 0.1)
+    for before, after in zip(grads(bank, image[:8]), grads(bank, changed)):
+        assert not torch.allclose(before[0], after[0])
+        torch.testing.assert_close(before[1:], after[1:], rtol=0, atol=1e-6)
+    coupled = InBatchLoss(*heads, 0.1)
+    pairs = zip(grads(coupled, image[:8]), grads(coupled, changed))
+    assert any(not torch.allclose(before[1:], after[1:], atol=1e-6) for before, after in pairs)
