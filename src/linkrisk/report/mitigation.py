@@ -41,6 +41,16 @@ def _entry(row: dict, pool) -> dict | None:
     return next((e for e in row["recall_at_1"] if e["pool"] == pool), None)
 
 
+def _epsilon_axis(ax, xs: list[float], labels: list[str], ylabel: str) -> None:
+    """Label a log ε axis at the sweep's points, with ``ylabel`` and a light grid."""
+    ax.set_xscale("log")
+    ax.set_xticks(xs, labels, fontsize=7)
+    ax.minorticks_off()
+    ax.set_xlabel("target ε")
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+
+
 def frontier_plot(sweep: dict, cohort: str) -> str:
     """Recall@1 (N = 100 and the largest pool) and probe macro AUROC against ε for one target, as base64 PNG."""
     points = sweep["points"]
@@ -59,12 +69,7 @@ def frontier_plot(sweep: dict, cohort: str) -> str:
                      label=f"original heads, N={pool}")
         left.axhline(_entry(original, pool)["chance"], color=line[0].get_color(), ls="--", lw=0.8, alpha=0.6,
                      label=f"chance, N={pool}")
-    left.set_xscale("log")
-    left.set_xticks(xs, labels, fontsize=7)
-    left.minorticks_off()
-    left.set_xlabel("target ε")
-    left.set_ylabel("Recall@1 (expected over pools)")
-    left.grid(True, alpha=0.3)
+    _epsilon_axis(left, xs, labels, "Recall@1 (expected over pools)")
     left.legend(fontsize=6)
 
     probes = [row["probe"] for row in rows]
@@ -80,12 +85,7 @@ def frontier_plot(sweep: dict, cohort: str) -> str:
         reason = original["probe"].get("skipped", "probe skipped")
         right.text(0.5, 0.5, "no probe:\n" + reason.replace(" the training", "\nthe training"), ha="center",
                    va="center", transform=right.transAxes, fontsize=7)
-    right.set_xscale("log")
-    right.set_xticks(xs, labels, fontsize=7)
-    right.minorticks_off()
-    right.set_xlabel("target ε")
-    right.set_ylabel("probe macro AUROC")
-    right.grid(True, alpha=0.3)
+    _epsilon_axis(right, xs, labels, "probe macro AUROC")
     fig.suptitle(cohort, fontsize=10)
     return _png(fig)
 
