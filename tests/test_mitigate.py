@@ -56,7 +56,8 @@ def test_mitigation_outputs(mitigation):
     html = (out / "report.html").read_text(encoding="utf-8")
     assert "Mitigation: DP-trained heads across ε" in html
     assert "Refit attacker" in html
-    assert "http://" not in html and "https://" not in html
+    assert "http://" not in html
+    assert "https://" not in html
 
 
 def test_original_point_matches_embed_audit(folders, mitigation):

@@ -32,7 +32,7 @@ def atomic_write(path: Path, write: Callable[[Path], None]) -> None:
     except OSError as err:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        # Name the file being written, not the temp file, so the message points at something the user knows.
+        # Name the file being written, not the temp file, so the message points at a file the user recognises.
         raise OSError(err.errno, err.strerror or str(err), str(path)) from err
     except BaseException:
         with contextlib.suppress(FileNotFoundError):

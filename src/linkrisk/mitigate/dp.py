@@ -384,8 +384,8 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
                 optimizer.zero_grad()
                 empty_batches += int(len(batch) == 0)
                 if ghost and len(batch) == 0:
-                    # No forward pass (its captured activations would wait for a backward that never comes);
-                    # a zero gradient still receives noise in the step, as the accounting assumes.
+                    # Skip the forward pass, because its captured activations would wait for a backward that
+                    # never comes. The zero gradient still receives noise in the step, as the accounting assumes.
                     for parameter in optimizer.params:
                         parameter.grad = torch.zeros_like(parameter)
                 else:
@@ -411,6 +411,11 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     else:
         spent = {"prv": math.inf, "rdp": math.inf}
     heads.eval()
+    clipping = None
+    if ghost:
+        clipping = "ghost (Opacus fast gradient clipping)"
+    elif private:
+        clipping = "per-sample gradients"
     formal = private and config.loss == "public_bank" and config.noise_seed is None
     record = {
         "epsilon": float(config.epsilon) if config.noise_multiplier is None or not private else spent[config.accountant],
@@ -428,7 +433,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         "max_grad_norm": float(config.max_grad_norm) if private else None,
         "lr": float(config.lr),
         "optimizer": "SGD(momentum=0.9), summed gradients, lr / expected batch size",
-        "clipping": "ghost (Opacus fast gradient clipping)" if ghost else ("per-sample gradients" if private else None),
+        "clipping": clipping,
         "loss": config.loss,
         "loss_description": ("public-bank InfoNCE (per-patient, both directions)" if config.loss == "public_bank"
                              else "in-batch symmetric InfoNCE"),

@@ -232,12 +232,14 @@ def load_feature_cohort(folder: str | Path, name: str | None = None) -> FeatureC
     if not adapter.pre_projection:
         raise InputError(f"{folder}: no image_features.npy and report_features.npy; mitigation trains heads on "
                          "pre-projection features, so pass a folder written by linkrisk embed")
+
     images_path = folder / "images.parquet"
     try:
         images = pd.read_parquet(images_path, columns=["image_id", "patient_id", "report_id"])
         reports = pd.read_parquet(folder / "reports.parquet")
     except (OSError, ValueError, KeyError) as err:
         raise InputError(f"{images_path}: needs image_id, patient_id and report_id columns ({err})") from err
+
     position = pd.Series(np.arange(len(reports)), index=reports["report_id"].astype(str).values)
     missing = ~images["report_id"].astype(str).isin(position.index)
     if missing.any():
@@ -246,6 +248,8 @@ def load_feature_cohort(folder: str | Path, name: str | None = None) -> FeatureC
     report_row = position.loc[images["report_id"].astype(str).values].to_numpy().astype(np.int64)
     label_names = [c for c in reports.columns if c != "report_id"]
     labels = reports[label_names].apply(pd.to_numeric, errors="coerce").to_numpy(np.float64)
+    image_labels = labels[report_row] if label_names else np.zeros((len(images), 0))
+
     source = folder.name
     summary = folder / "embed.json"
     if summary.is_file():
@@ -253,8 +257,9 @@ def load_feature_cohort(folder: str | Path, name: str | None = None) -> FeatureC
             source = json.loads(summary.read_text(encoding="utf-8"))["dataset"]["source"]
         except (ValueError, KeyError, TypeError):
             logger.warning("%s: unreadable; the cohort's source is taken from the folder name", summary)
+
     # Copies in memory: training and projection write into tensors made from these arrays.
     return FeatureCohort(name or folder.name, str(source), np.array(adapter.image_features, np.float32),
                          np.array(adapter.report_features, np.float32), report_row,
-                         images["patient_id"].astype(str).to_numpy(), labels[report_row] if len(label_names) else
-                         np.zeros((len(images), 0)), label_names, adapter.image_head, adapter.text_head)
+                         images["patient_id"].astype(str).to_numpy(), image_labels, label_names,
+                         adapter.image_head, adapter.text_head)
