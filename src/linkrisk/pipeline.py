@@ -27,11 +27,8 @@ import pandas as pd
 from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
-from linkrisk.audit.assignment import assignment_attack
 from linkrisk.audit.design import AuditDesign, build_design
-from linkrisk.audit.ranks import rank_counts
-from linkrisk.audit.recall import recall_curve
-from linkrisk.audit.risk import record_risk, true_score_margin
+from linkrisk.audit.extras import main_audit_extras
 from linkrisk.audit.run import run_audit, run_audits
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
@@ -149,15 +146,9 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     audits = run_audits(main, **options, negatives=("random", "label_matched") if has_labels else ("random",),
                         label_policy="zeros")
     result = audits[0]
-    above, equal = rank_counts(image_emb, report_emb, features.report_row)
-    curve = recall_curve(above, equal, len(report_emb), features.patient_ids, k=1,
-                         n_boot=config.n_boot, seed=config.seed)
-    risk = record_risk(features.cohort.images["image_id"].to_numpy(), features.patient_ids, above, equal,
-                       len(report_emb), true_score_margin(image_emb, report_emb, features.report_row))
-    atomic_write(folder / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
-    assignment = assignment_attack(image_emb, report_emb, features.report_row, batch_sizes=[10, 100, 1000],
-                                   n_batches=100, n_boot=config.n_boot, seed=config.seed)
-    runs = [{**common, **result, "recall_at_1_curve": curve, "assignment": assignment}]
+    extras = main_audit_extras(image_emb, report_emb, features.report_row, features.patient_ids,
+                               features.cohort.images["image_id"].to_numpy(), folder, config.n_boot, config.seed)
+    runs = [{**common, **result, **extras}]
     _log_recall_at_1(runs[-1], "uniform")
 
     if has_labels:
@@ -181,8 +172,12 @@ def _probe(name: str, heads_name: str, heads: DualHeads, train: Features, test: 
             "n_test_images": int(len(test_emb)), **result}
 
 
-def run_demo(config: DemoConfig) -> dict:
-    """Run every stage on the real cohorts under ``config.data_dir``; returns the results dict."""
+def run_demo(config: DemoConfig, extra: dict | None = None) -> dict:
+    """Run every stage on the real cohorts under ``config.data_dir``; return the results dict.
+
+    ``extra`` holds more top-level fields for ``results.json`` (a configuration run adds its
+    resolved configuration and provenance).
+    """
     started = datetime.datetime.now(datetime.timezone.utc)
     out = Path(config.out_dir)
     cache_dir = Path(config.cache_dir) if config.cache_dir else out / "cache"
@@ -257,6 +252,7 @@ def run_demo(config: DemoConfig) -> dict:
         "probe": probes,
         "sweep": sweep,
         "refit": refit,
+        **(extra or {}),
     }
     with stage("write results"):
         write_json(out / "results.json", results)

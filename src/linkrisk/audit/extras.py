@@ -1,0 +1,47 @@
+"""Per-record and plot fields of a main audit: the Recall@1 curve, the assignment attack and the risk table.
+
+These go with the main view only (image-to-report, study level, each
+image on its own, random negatives); the demo and configuration runs
+both add them through :func:`main_audit_extras`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from linkrisk._io import atomic_write
+from linkrisk.audit.assignment import assignment_attack
+from linkrisk.audit.ranks import rank_counts
+from linkrisk.audit.recall import recall_curve
+from linkrisk.audit.risk import record_risk, true_score_margin
+
+ASSIGNMENT_BATCH_SIZES = (10, 100, 1000)
+
+
+def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray,
+                      patient_ids: np.ndarray, image_ids: np.ndarray, folder: Path, n_boot: int,
+                      seed: int) -> dict:
+    """Compute the Recall@1 curve and the assignment attack, and write ``folder/risk.parquet``.
+
+    Args:
+        image_emb: ``[n_images, d]`` image embeddings; report_emb: ``[n_reports, d]``.
+        report_row: ``[n_images]`` row of each image's true report; patient_ids, image_ids: ``[n_images]``.
+        folder: where ``risk.parquet`` (one row per image: full-pool rank, Recall@1 at each pool, margin) goes.
+        n_boot, seed: patient-bootstrap resamples and their seed.
+
+    Returns:
+        ``{"recall_at_1_curve": [...], "assignment": [...]}`` (fields of a ``results.json`` run entry).
+    """
+    above, equal = rank_counts(image_emb, report_emb, report_row)
+    curve = recall_curve(above, equal, len(report_emb), patient_ids, k=1, n_boot=n_boot, seed=seed)
+    risk = record_risk(image_ids, patient_ids, above, equal, len(report_emb),
+                       true_score_margin(image_emb, report_emb, report_row))
+    atomic_write(Path(folder) / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
+    assignment = assignment_attack(image_emb, report_emb, report_row, batch_sizes=list(ASSIGNMENT_BATCH_SIZES),
+                                   n_batches=100, n_boot=n_boot, seed=seed)
+    return {"recall_at_1_curve": curve, "assignment": assignment}
+
+
+__all__ = ["ASSIGNMENT_BATCH_SIZES", "main_audit_extras"]
