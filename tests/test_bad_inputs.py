@@ -91,14 +91,14 @@ def test_demo_cli_on_bad_rows_has_no_traceback(bad_covid, tmp_path):
 def test_cli_missing_data_folder_is_one_line(tmp_path):
     result = subprocess.run([*LINKRISK, "demo", "--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o")],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert re.search(r"error: data folder .*nowhere not found", result.stderr)
 
 
 def test_cli_audit_missing_embeddings_is_one_line(tmp_path):
     result = subprocess.run([*LINKRISK, "audit", str(tmp_path)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "image.npy: not found" in result.stderr
 
@@ -314,7 +314,7 @@ def test_cli_audit_unreadable_files(embeddings_folder, case, message):
     elif case == "no_pairs":
         (embeddings_folder / "pairs.parquet").unlink()
     result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder)], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert message in " ".join(result.stderr.split())
 
@@ -322,7 +322,7 @@ def test_cli_audit_unreadable_files(embeddings_folder, case, message):
 def test_cli_audit_json_to_folder_is_one_line(embeddings_folder, tmp_path):
     result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--n-boot", "20", "--json", str(tmp_path)],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "Traceback" not in result.stderr
     assert "queries" in result.stdout  # the audit is printed before the write fails
 
@@ -345,7 +345,7 @@ def test_cli_audit_label_matched_matches_demo(demo_run):
 def test_cli_audit_label_matched_needs_labels(embeddings_folder):
     result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--negatives", "label-matched"],
                             capture_output=True, text=True, timeout=120)
-    assert result.returncode == 2
+    assert result.returncode == 1
     assert "reports.parquet: not found" in " ".join(result.stderr.split())
     result = subprocess.run([*LINKRISK, "audit", str(embeddings_folder), "--negatives", "hard"],
                             capture_output=True, text=True, timeout=120)

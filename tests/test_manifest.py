@@ -130,7 +130,7 @@ def test_cli_data_describe(data_dir, tmp_path):
     assert "views: Frontal 20, Lateral 20" in result.stdout
     bad = subprocess.run([*LINKRISK, "data", "describe", "covid:/nonexistent"], capture_output=True, text=True,
                          timeout=120)
-    assert bad.returncode == 2
+    assert bad.returncode == 1
     assert "Traceback" not in bad.stderr
 
 

@@ -1,7 +1,9 @@
 """Exceptions for inputs a user can fix.
 
-The CLI prints a ``LinkriskError`` as one line and exits with status 2;
-any other exception is a bug and keeps its traceback.
+The CLI prints a ``LinkriskError`` as one line on standard error and
+exits with status 2 for a :class:`ConfigError` (a usage error) or 1 for
+any other (an input that cannot be used). Any other exception is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from linkrisk.errors import ConfigError
+from linkrisk.errors import ConfigError, InputError
 
 
 def _sha256(path: Path) -> str:
@@ -69,16 +69,16 @@ class WordLlamaTextEncoder:
         tokenizer = self.weights_dir / "tokenizers" / WordLlama.get_tokenizer_filename(model_uri)
         missing = [str(p) for p in (weights, tokenizer) if not p.is_file()]
         if missing:
-            raise ConfigError(f"WordLlama files not found under {self.weights_dir}: {', '.join(missing)}; pass the "
-                              "folder holding weights/ and tokenizers/")
+            raise InputError(f"WordLlama files not found under {self.weights_dir}: {', '.join(missing)}; pass the "
+                             "folder holding weights/ and tokenizers/")
         try:
             with safe_open(str(weights), framework="np", device="cpu") as fh:
                 embedding = fh.get_tensor("embedding.weight")
             self._model = WordLlamaInference(embedding, WordLlama.load_tokenizer(tokenizer), binary=False)
         except Exception as err:  # safetensors and tokenizers raise library-specific errors
-            raise ConfigError(f"cannot load WordLlama weights from {self.weights_dir}: {type(err).__name__}: {err}") from err
+            raise InputError(f"cannot load WordLlama weights from {self.weights_dir}: {type(err).__name__}: {err}") from err
         if embedding.shape[1] != dim:
-            raise ConfigError(f"{weights}: embeddings have {embedding.shape[1]} dimensions, expected {dim}")
+            raise InputError(f"{weights}: embeddings have {embedding.shape[1]} dimensions, expected {dim}")
         self.weights_sha256 = _sha256(weights)
 
     def config(self) -> dict:
