@@ -147,7 +147,8 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
                         label_policy="zeros")
     result = audits[0]
     extras = main_audit_extras(image_emb, report_emb, features.report_row, features.patient_ids,
-                               features.cohort.images["image_id"].to_numpy(), folder, config.n_boot, config.seed)
+                               features.cohort.images["image_id"].to_numpy(), folder, config.n_boot, config.seed,
+                               progress=config.progress)
     runs = [{**common, **result, **extras}]
     _log_recall_at_1(runs[-1], "uniform")
 
@@ -281,7 +282,8 @@ def _sweep_and_refit(train: Features, test: Features, openi: Features, original:
                               list(config.epsilons), sweep_config, n_boot=config.n_boot, seed=config.seed,
                               checkpoint_dir=config.out_dir / "models" / "sweep", progress=config.progress)
     with stage("refit attacker: COVID training pairs against the held-out patients"):
-        refit = refit_on_targets(train_cohort, [test_cohort], list(config.refit_ks), config.n_boot, config.seed)
+        refit = refit_on_targets(train_cohort, [test_cohort], list(config.refit_ks), config.n_boot, config.seed,
+                                 progress=config.progress)
     return sweep, refit
 
 

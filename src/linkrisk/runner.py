@@ -25,8 +25,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from linkrisk import __version__
 from linkrisk._io import write_json, write_text
 from linkrisk._logging import logger, stage
@@ -191,7 +189,8 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                 image, report, pairs = load_embeddings(folder)
                 entry.update(main_audit_extras(image, report, pairs["report_row"].to_numpy(),
                                                pairs["patient_id"].astype(str).to_numpy(),
-                                               pairs["image_id"].to_numpy(), folder, run["n_boot"], run["seed"]))
+                                               pairs["image_id"].to_numpy(), folder, run["n_boot"], run["seed"],
+                                               progress=not run["quiet"]))
             runs.append(entry)
             r1 = {e["pool"]: e["value"] for e in result["recall"] if e["k"] == 1}
             logger.info("audit %s / %s (%s, %s level, %s, %s negatives): Recall@1 %s", model, cohort,

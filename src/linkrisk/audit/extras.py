@@ -22,7 +22,7 @@ ASSIGNMENT_BATCH_SIZES = (10, 100, 1000)
 
 def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray,
                       patient_ids: np.ndarray, image_ids: np.ndarray, folder: Path, n_boot: int,
-                      seed: int) -> dict:
+                      seed: int, progress: bool = False) -> dict:
     """Compute the Recall@1 curve and the assignment attack, and write ``folder/risk.parquet``.
 
     Args:
@@ -30,6 +30,7 @@ def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row:
         report_row: ``[n_images]`` row of each image's true report; patient_ids, image_ids: ``[n_images]``.
         folder: where ``risk.parquet`` (one row per image: full-pool rank, Recall@1 at each pool, margin) goes.
         n_boot, seed: patient-bootstrap resamples and their seed.
+        progress: show a progress bar over the assignment attack's batches.
 
     Returns:
         ``{"recall_at_1_curve": [...], "assignment": [...]}`` (fields of a ``results.json`` run entry).
@@ -40,7 +41,7 @@ def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row:
                        true_score_margin(image_emb, report_emb, report_row))
     atomic_write(Path(folder) / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
     assignment = assignment_attack(image_emb, report_emb, report_row, batch_sizes=list(ASSIGNMENT_BATCH_SIZES),
-                                   n_batches=100, n_boot=n_boot, seed=seed)
+                                   n_batches=100, n_boot=n_boot, seed=seed, progress=progress)
     return {"recall_at_1_curve": curve, "assignment": assignment}
 
 

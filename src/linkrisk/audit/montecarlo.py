@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from linkrisk._progress import progress_bar
 from linkrisk.errors import ConfigError, InputError
 
 # Pools sampled per chunk when drawing by random keys (memory: chunk * population * 8 bytes).
@@ -60,7 +61,7 @@ def sample_pools(rng: np.random.Generator, population: int, size: int, n_pools: 
 def monte_carlo_recall(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndarray,
                        pool_sizes: list[int], ks: list[int], n_pools: int = 1000, seed: int = 0, *,
                        candidate_unit: np.ndarray | None = None, block_size: int = 256,
-                       device: str | torch.device = "cpu") -> np.ndarray:
+                       device: str | torch.device = "cpu", progress: bool = False) -> np.ndarray:
     """Per-query hit rates over sampled pools.
 
     Args:
@@ -70,6 +71,7 @@ def monte_carlo_recall(queries: np.ndarray, candidates: np.ndarray, true_index: 
         n_pools: pools sampled per query and pool size.
         seed: base seed.
         candidate_unit: ``[M]`` unit of each candidate (a unit scores its best member), or None.
+        progress: show a progress bar over the queries.
 
     Returns:
         float64 ``[len(pool_sizes), len(ks), Q]``: the share of each query's
@@ -98,24 +100,27 @@ def monte_carlo_recall(queries: np.ndarray, candidates: np.ndarray, true_index: 
     column = torch.as_tensor(inverse.reshape(-1), device=device)
     unit_t = torch.as_tensor(unit, device=device)
     hits = np.zeros((len(pool_sizes), len(ks), len(queries)))
-    for start in range(0, len(queries), block_size):
-        stop = min(start + block_size, len(queries))
-        scores = (torch.as_tensor(queries[start:stop], device=device) @ scored.T)[:, column]
-        scores = torch.full((stop - start, n_units), float("-inf"), device=device).scatter_reduce(
-            1, unit_t.expand(stop - start, -1), scores, "amax").cpu().numpy()
-        for offset, q in enumerate(range(start, stop)):
-            rng = np.random.default_rng([seed, q])
-            row, true = scores[offset], true_index[q]
-            others = np.delete(row, true)
-            for p, size in enumerate(pool_sizes):
-                if size == n_units:  # the whole set: every pool is the same, only tie orders vary
-                    above = np.full(n_pools, (others > row[true]).sum())
-                    tied = np.full(n_pools, (others == row[true]).sum())
-                else:
-                    drawn = others[sample_pools(rng, n_units - 1, size - 1, n_pools)]
-                    above = (drawn > row[true]).sum(1)
-                    tied = (drawn == row[true]).sum(1)
-                position = above + rng.integers(0, tied + 1)  # others ranked before the true unit
-                for j, k in enumerate(ks):
-                    hits[p, j, q] = (position < k).mean()
+    with progress_bar(progress, "queries") as bar:
+        task = bar.add_task("Monte Carlo pools", total=len(queries))
+        for start in range(0, len(queries), block_size):
+            stop = min(start + block_size, len(queries))
+            scores = (torch.as_tensor(queries[start:stop], device=device) @ scored.T)[:, column]
+            scores = torch.full((stop - start, n_units), float("-inf"), device=device).scatter_reduce(
+                1, unit_t.expand(stop - start, -1), scores, "amax").cpu().numpy()
+            for offset, q in enumerate(range(start, stop)):
+                rng = np.random.default_rng([seed, q])
+                row, true = scores[offset], true_index[q]
+                others = np.delete(row, true)
+                for p, size in enumerate(pool_sizes):
+                    if size == n_units:  # the whole set: every pool is the same, only tie orders vary
+                        above = np.full(n_pools, (others > row[true]).sum())
+                        tied = np.full(n_pools, (others == row[true]).sum())
+                    else:
+                        drawn = others[sample_pools(rng, n_units - 1, size - 1, n_pools)]
+                        above = (drawn > row[true]).sum(1)
+                        tied = (drawn == row[true]).sum(1)
+                    position = above + rng.integers(0, tied + 1)  # others ranked before the true unit
+                    for j, k in enumerate(ks):
+                        hits[p, j, q] = (position < k).mean()
+                bar.advance(task)
     return hits

@@ -35,12 +35,15 @@ comparable with the audits of the released heads.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 
 import numpy as np
 from scipy.linalg import orthogonal_procrustes
 
 from linkrisk._logging import logger
+from linkrisk._progress import progress_bar
 from linkrisk.audit.design import build_design
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import normalised_rank
@@ -380,14 +383,14 @@ def _draw_seed(seed: int, repeat: int) -> int:
 
 
 def _fit(method: str, image: np.ndarray, text: np.ndarray, report_row: np.ndarray, patients: np.ndarray,
-         embed_dim: int, seed: int, fit_config: FitConfig | None):
+         embed_dim: int, seed: int, fit_config: FitConfig | None, progress: bool = False):
     """Fit one method on the drawn pairs. Returns ``(heads, record)``, where heads have ``embed`` like DualHeads."""
     if method == "ridge":
         return fit_ridge_heads(image, text, report_row, patients, embed_dim=embed_dim, seed=seed)
     if method == "procrustes":
         return fit_procrustes_heads(image, text, report_row, embed_dim=embed_dim)
     config = dataclasses.replace(fit_config or FitConfig(embed_dim=embed_dim), seed=seed)
-    return fit_heads(image, text, report_row, patients, config, progress=False)
+    return fit_heads(image, text, report_row, patients, config, progress=progress)
 
 
 def _audit_entry(heads, target: tuple, pools: list, n_boot: int, seed: int) -> dict:
@@ -408,7 +411,7 @@ def refit_attack(aux_image: np.ndarray, aux_text: np.ndarray, aux_report_row: np
                  target_patients: np.ndarray, ks: list[int | str] = (50, 200, "all"),
                  methods: list[str] = METHODS, pools: list[int | str] = (100, "full"), n_boot: int = 1000,
                  seed: int = 0, repeats: int = 5, embed_dim: int = 64,
-                 fit_config: FitConfig | None = None) -> dict:
+                 fit_config: FitConfig | None = None, progress: bool = False) -> dict:
     """Fit fresh heads on auxiliary pairs and audit how well they re-link the target cohort.
 
     See the module docstring for the threat model. All features are frozen
@@ -437,6 +440,8 @@ def refit_attack(aux_image: np.ndarray, aux_text: np.ndarray, aux_report_row: np
         fit_config: InfoNCE options (default ``FitConfig(embed_dim=embed_dim)``).
             Its ``embed_dim`` then applies to InfoNCE, and its seed is
             replaced by each repeat's seed.
+        progress: show a progress bar over the (method, k, repeat) fits and one over
+            each InfoNCE fit's steps.
 
     Returns:
         ``{"entries", "summary", ...facts}``. ``entries`` contains one dict per
@@ -473,14 +478,18 @@ def refit_attack(aux_image: np.ndarray, aux_text: np.ndarray, aux_report_row: np
                        n_aux_pairs)
 
     entries = []
-    for k in ks:
-        if k != "all" and k > n_aux_pairs:
-            continue
-        for repeat in range(1 if k == "all" else repeats):
-            draw_seed = _draw_seed(seed, repeat)
-            rows = np.arange(n_aux_pairs) if k == "all" else draw_aux_pairs(aux[3], int(k), draw_seed)
-            entries.extend(_attack_draw(aux, rows, k, repeat, draw_seed, methods, target, list(pools), n_boot, seed,
-                                        embed_dim, fit_config))
+    n_draws = sum(1 if k == "all" else repeats for k in ks if k == "all" or k <= n_aux_pairs)
+    with progress_bar(progress, "fits") as bar:
+        task = bar.add_task("refit attack", total=n_draws * len(methods))
+        for k in ks:
+            if k != "all" and k > n_aux_pairs:
+                continue
+            for repeat in range(1 if k == "all" else repeats):
+                draw_seed = _draw_seed(seed, repeat)
+                rows = np.arange(n_aux_pairs) if k == "all" else draw_aux_pairs(aux[3], int(k), draw_seed)
+                advance = functools.partial(bar.advance, task)
+                entries.extend(_attack_draw(aux, rows, k, repeat, draw_seed, methods, target, list(pools), n_boot,
+                                            seed, embed_dim, fit_config, advance, progress))
 
     return {"threat_model": "frozen public encoders plus auxiliary image-report pairs; fresh heads, "
                             "image-to-report linkage by cosine similarity",
@@ -494,8 +503,13 @@ def refit_attack(aux_image: np.ndarray, aux_text: np.ndarray, aux_report_row: np
 
 
 def _attack_draw(aux: tuple, rows: np.ndarray, k, repeat: int, draw_seed: int, methods: list[str], target: tuple,
-                 pools: list, n_boot: int, seed: int, embed_dim: int, fit_config: FitConfig | None) -> list[dict]:
-    """Fit every method on one draw of auxiliary pairs and audit each on the target."""
+                 pools: list, n_boot: int, seed: int, embed_dim: int, fit_config: FitConfig | None,
+                 advance: Callable[[], None], progress: bool) -> list[dict]:
+    """Fit every method on one draw of auxiliary pairs and audit each on the target.
+
+    ``advance`` is called once per method, fitted or left out, and moves the attack's progress bar.
+    ``progress`` shows a bar over each InfoNCE fit's steps.
+    """
     image, text, report_row, patients = aux
     reports, drawn_row = np.unique(report_row[rows], return_inverse=True)
     drawn = (image[rows], text[reports], drawn_row.reshape(-1), patients[rows])
@@ -507,9 +521,10 @@ def _attack_draw(aux: tuple, rows: np.ndarray, k, repeat: int, draw_seed: int, m
         if method == "infonce" and n_patients < MIN_INFONCE_PATIENTS:
             logger.warning("refit attack: InfoNCE needs at least %d auxiliary patients, draw %s of k = %s has %d; "
                            "left out", MIN_INFONCE_PATIENTS, repeat, k, n_patients)
+            advance()
             continue
         started = time.perf_counter()
-        heads, record = _fit(method, *drawn, embed_dim, draw_seed, fit_config)
+        heads, record = _fit(method, *drawn, embed_dim, draw_seed, fit_config, progress)
         fit_seconds = time.perf_counter() - started
         entry = {"method": method, **facts, **_audit_entry(heads, target, pools, n_boot, seed), "fit": record,
                  "fit_seconds": round(fit_seconds, 3)}
@@ -517,6 +532,7 @@ def _attack_draw(aux: tuple, rows: np.ndarray, k, repeat: int, draw_seed: int, m
         logger.info("refit attack %s, k = %s (%d pairs), repeat %d: Recall@1 %s, mean normalised rank %.3f",
                     method, k, len(rows), repeat, r1, entry["mean_normalised_rank"])
         entries.append(entry)
+        advance()
     return entries
 
 

@@ -43,6 +43,7 @@ or noise: the non-private end of an ε sweep.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -59,10 +60,10 @@ from opacus.optimizers import DPOptimizer
 from opacus.optimizers.optimizer_fast_gradient_clipping import DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
-from rich.progress import Progress
 from torch import nn
 
-from linkrisk._logging import logger
+from linkrisk._logging import logger, stage
+from linkrisk._progress import progress_bar
 from linkrisk.errors import ConfigError, InputError
 from linkrisk.mitigate.losses import LOSSES, InBatchLoss, PublicBankLoss
 from linkrisk.models.heads import DualHeads, HeadPair
@@ -306,6 +307,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         public_image_features: ``[n_pub_images, ...]`` features of a public cohort.
         public_text_features: ``[n_pub_reports, text_dim]`` features of a public cohort.
         config: DP and optimisation options.
+        progress: show a progress bar over the DP-SGD steps.
         initial_heads: the model's own ``(image_head, text_head)``, copied and fine-tuned
             when ``config.init`` is ``"original"``.
 
@@ -332,7 +334,12 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     steps_per_epoch = max(1, math.ceil(1.0 / sample_rate - 1e-9))
     planned_steps = config.epochs * steps_per_epoch
     expected_batch = n_patients * sample_rate
-    noise_multiplier = _noise_multiplier(config, delta, sample_rate, planned_steps)
+    calibrating = config.epsilon != math.inf and config.noise_multiplier is None
+    # The noise search runs the accountants many times and can take more than ten seconds.
+    calibration = stage(f"DP: noise calibration to epsilon {config.epsilon:g} at delta {delta:.3g} over "
+                        f"{planned_steps} steps") if calibrating else contextlib.nullcontext()
+    with calibration:
+        noise_multiplier = _noise_multiplier(config, delta, sample_rate, planned_steps)
 
     rng = np.random.default_rng(config.seed)
     bank_rows = rng.choice(len(public_text_features), size=min(config.bank_size, len(public_text_features)), replace=False)
@@ -375,9 +382,10 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
 
     history, steps, empty_batches = [], 0, 0
     model.train()
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task("DP-SGD on projection heads" if private else "non-private fine-tuning (epsilon = inf)",
-                            total=config.epochs)
+    with progress_bar(progress, "steps") as bar:
+        description = (f"DP-SGD on projection heads (epsilon {config.epsilon:g})" if private
+                       else "non-private fine-tuning (epsilon = inf)")
+        task = bar.add_task(description, total=planned_steps)
         for _ in range(config.epochs):
             for indices in sampler:
                 batch = torch.as_tensor(indices, dtype=torch.long)
@@ -400,7 +408,7 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
                 optimizer.step()
                 history.append((noise_multiplier, sample_rate, 1))
                 steps += 1
-            bar.advance(task)
+                bar.advance(task)
     if private:
         model._close()
 

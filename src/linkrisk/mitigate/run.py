@@ -20,15 +20,19 @@ from linkrisk.models.precomputed import FeatureCohort, load_feature_cohort
 from linkrisk.report.mitigation import write_mitigation_report
 
 
-def refit_on_targets(aux: FeatureCohort, targets: list[FeatureCohort], ks: list, n_boot: int, seed: int) -> list[dict]:
-    """Run the refit attacker with ``aux`` pairs against every target; one entry per target."""
+def refit_on_targets(aux: FeatureCohort, targets: list[FeatureCohort], ks: list, n_boot: int, seed: int,
+                     progress: bool = False) -> list[dict]:
+    """Run the refit attacker with ``aux`` pairs against every target; one entry per target.
+
+    ``progress`` shows the attacker's progress bars (see :func:`~linkrisk.audit.refit.refit_attack`).
+    """
     entries = []
     for target in targets:
         with stage(f"refit attacker: {aux.name} pairs against {target.name}"):
             result = refit_attack(aux.image_features, aux.report_features, aux.report_row, aux.patient_ids,
                                   target.image_features, target.report_features, target.report_row,
                                   target.patient_ids, ks=ks, pools=headline_pools(len(target.report_features)),
-                                  n_boot=n_boot, seed=seed)
+                                  n_boot=n_boot, seed=seed, progress=progress)
         entries.append({"target": target.name, "aux": aux.name, **result, "table": refit_table(result)})
     return entries
 
@@ -78,8 +82,8 @@ def run_mitigation(train_dir: Path, public_dir: Path, target_dirs: list[Path], o
     targets += [train] + [load_feature_cohort(folder) for folder in target_dirs]
     sweep = epsilon_sweep(train, public, targets, epsilons, config, n_boot=n_boot, seed=seed,
                           checkpoint_dir=Path(out) / "heads", progress=progress)
-    refit = refit_on_targets(load_feature_cohort(refit_aux), targets, list(refit_ks), n_boot, seed) \
-        if refit_aux else []
+    refit = refit_on_targets(load_feature_cohort(refit_aux), targets, list(refit_ks), n_boot, seed,
+                             progress=progress) if refit_aux else []
     results = {
         "linkrisk_version": __version__,
         "kind": "mitigation",

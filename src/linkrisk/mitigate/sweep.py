@@ -27,6 +27,7 @@ from torch import nn
 
 from linkrisk._io import write_json
 from linkrisk._logging import logger, stage
+from linkrisk._progress import progress_bar
 from linkrisk.audit.design import build_design
 from linkrisk.audit.run import run_audit
 from linkrisk.errors import InputError
@@ -121,6 +122,7 @@ def epsilon_sweep(train: FeatureCohort, public: FeatureCohort, targets: list[Fea
         epsilons: target ε values; ``math.inf`` trains without DP.
         config: DP options shared by every point (its ``epsilon`` is replaced).
         checkpoint_dir: folder for finished points and their heads; None keeps nothing.
+        progress: show a progress bar over the ε points and one over each point's DP-SGD steps.
 
     Returns:
         ``{"original": [...], "points": [{"epsilon", "dp": record, "targets": [...]}, ...]}``.
@@ -129,29 +131,35 @@ def epsilon_sweep(train: FeatureCohort, public: FeatureCohort, targets: list[Fea
         raise InputError("the sweep needs at least one target cohort to audit")
     with stage("original heads: audit and probe"):
         original = _evaluate("original heads", train.image_head, train.text_head, train, targets, n_boot, seed)
-    points = []
-    for epsilon in epsilons:
-        key = _point_key(epsilon, train, public, targets, config, n_boot, seed)
-        path = checkpoint_dir / f"eps-{epsilon:g}.json" if checkpoint_dir else None
-        if path is not None and path.is_file():
-            stored = json.loads(path.read_text(encoding="utf-8"))
-            if stored.get("key") == key:
-                logger.info("epsilon %g: reusing the finished point %s", epsilon, path)
-                points.append(stored["point"])
-                continue
-        with stage(f"epsilon {epsilon:g}: train heads"):
-            heads, record = train_dp_heads(train.image_features, train.report_features, train.report_row,
-                                           train.patient_ids, public.image_features, public.report_features,
-                                           dataclasses.replace(config, epsilon=epsilon), progress=progress,
-                                           initial_heads=(train.image_head, train.text_head))
-        point = {"epsilon": epsilon if math.isfinite(epsilon) else "inf", "dp": record,
-                 "targets": _evaluate(f"epsilon {epsilon:g}", heads.image_head, heads.text_head, train, targets,
-                                      n_boot, seed)}
-        if path is not None:
-            save_heads(checkpoint_dir / f"eps-{epsilon:g}", plain_head(heads.image_head), plain_head(heads.text_head),
-                       {"dp": record})
-            write_json(path, {"key": key, "point": point})
-        points.append(point)
+    points, to_train = [], len(epsilons)
+    with progress_bar(progress, "points") as bar:
+        task = bar.add_task("epsilon sweep", total=to_train)
+        for epsilon in epsilons:
+            key = _point_key(epsilon, train, public, targets, config, n_boot, seed)
+            path = checkpoint_dir / f"eps-{epsilon:g}.json" if checkpoint_dir else None
+            if path is not None and path.is_file():
+                stored = json.loads(path.read_text(encoding="utf-8"))
+                if stored.get("key") == key:
+                    logger.info("epsilon %g: reusing the finished point %s", epsilon, path)
+                    points.append(stored["point"])
+                    # A reused point leaves the total, so the time remaining counts trained points only.
+                    to_train -= 1
+                    bar.update(task, total=to_train)
+                    continue
+            with stage(f"epsilon {epsilon:g}: train heads"):
+                heads, record = train_dp_heads(train.image_features, train.report_features, train.report_row,
+                                               train.patient_ids, public.image_features, public.report_features,
+                                               dataclasses.replace(config, epsilon=epsilon), progress=progress,
+                                               initial_heads=(train.image_head, train.text_head))
+            point = {"epsilon": epsilon if math.isfinite(epsilon) else "inf", "dp": record,
+                     "targets": _evaluate(f"epsilon {epsilon:g}", heads.image_head, heads.text_head, train, targets,
+                                          n_boot, seed)}
+            if path is not None:
+                save_heads(checkpoint_dir / f"eps-{epsilon:g}", plain_head(heads.image_head),
+                           plain_head(heads.text_head), {"dp": record})
+                write_json(path, {"key": key, "point": point})
+            points.append(point)
+            bar.advance(task)
     return {"original": original, "points": points}
 
 

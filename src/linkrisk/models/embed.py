@@ -40,15 +40,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 from PIL import Image
-from rich.text import Text
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from linkrisk import __version__
 from linkrisk._io import atomic_write, write_json, write_npy
 from linkrisk._logging import logger, stage
+from linkrisk._progress import progress_bar
 from linkrisk.data.cohort import PairedCohort
 from linkrisk.data.images import ImageReadError, read_image, to_8bit
 from linkrisk.errors import ConfigError, InputError
@@ -132,23 +131,6 @@ def model_key(adapter, weights_sha256: str, precision: str, fast_decode: bool = 
     extra = repr(getattr(adapter, "config", ""))
     return _key(type(adapter).__name__, weights_sha256, repr(adapter.preprocess), tokenizer_text,
                 str(adapter.context_length), precision, extra, "fast-decode" if fast_decode else "")[:16]
-
-
-class _RateColumn(ProgressColumn):
-    """Items per second of a task, with the item's name."""
-
-    def __init__(self, unit: str):
-        super().__init__()
-        self.unit = unit
-
-    def render(self, task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed:,.1f} {self.unit}/s" if speed else f"- {self.unit}/s")
-
-
-def _progress(enabled: bool, unit: str) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), _RateColumn(unit),
-                    TimeRemainingColumn(), disable=not enabled, transient=True)
 
 
 class _ImageFiles(Dataset):
@@ -269,7 +251,7 @@ def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: Emb
                    "left": len(chunks[i])} for i in missing}
     chunk_of = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
 
-    with _progress(config.progress, "images") as bar:
+    with progress_bar(config.progress, "images") as bar:
         task = bar.add_task(f"{cohort.name}: image features", total=sum(len(chunks[i]) for i in missing))
         for indices, pixels, errors in loader:
             chunk = int(chunk_of[indices[0]])
@@ -301,7 +283,7 @@ def _embed_reports(adapter, cohort: PairedCohort, store: _ChunkStore, config: Em
     missing = [i for i, chunk in enumerate(stored) if chunk is None]
     logger.info("report features: %d chunks, %d reused from %s, %d to compute", len(chunks),
                 len(chunks) - len(missing), store.folder, len(missing))
-    with _progress(config.progress and bool(missing), "reports") as bar:
+    with progress_bar(config.progress and bool(missing), "reports") as bar:
         task = bar.add_task(f"{cohort.name}: report features", total=sum(len(chunks[i]) for i in missing))
         for i in missing:
             parts = []

@@ -15,10 +15,10 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
-from rich.progress import Progress
 
 from linkrisk._io import atomic_write
 from linkrisk._logging import logger
+from linkrisk._progress import progress_bar
 from linkrisk.data.cohort import PairedCohort
 from linkrisk.data.images import ImageReadError, load_grayscale
 from linkrisk.models.image_encoders import ImageEncoder, encoder_key
@@ -65,22 +65,27 @@ def load_chunk(path: Path) -> dict[str, np.ndarray] | None:
 
 
 def _run_chunks(n: int, chunk_size: int, description: str, key_of: Callable[[slice], str], cache: Path,
-                compute: Callable[[slice], dict[str, np.ndarray]], progress: bool) -> list[dict[str, np.ndarray]]:
+                compute: Callable[[slice], dict[str, np.ndarray]], progress: bool,
+                unit: str) -> list[dict[str, np.ndarray]]:
     chunks = [slice(start, min(start + chunk_size, n)) for start in range(0, n, chunk_size)]
-    results, reused = [], 0
-    with Progress(disable=not progress, transient=True) as bar:
-        task = bar.add_task(description, total=n)
+    results, reused, to_compute = [], 0, n
+    with progress_bar(progress, unit) as bar:
+        task = bar.add_task(description, total=to_compute)
         for chunk in chunks:
             path = cache / f"{key_of(chunk)}.npz"
             stored = load_chunk(path) if path.exists() else None
             if stored is not None:
                 results.append(stored)
                 reused += 1
+                # A cached chunk leaves the total rather than advancing it, so the rate and the
+                # time remaining count computed rows only.
+                to_compute -= chunk.stop - chunk.start
+                bar.update(task, total=to_compute)
             else:
                 arrays = compute(chunk)
                 save_chunk(path, **arrays)
                 results.append(arrays)
-            bar.advance(task, chunk.stop - chunk.start)
+                bar.advance(task, chunk.stop - chunk.start)
     logger.info("%s: %d chunks, %d reused from cache %s", description, len(chunks), reused, cache)
     return results
 
@@ -112,7 +117,7 @@ def embed_images(cohort: PairedCohort, encoder: ImageEncoder, cache_dir: Path, c
         return {"features": features, "errors": errors.astype(str)}
 
     chunks = _run_chunks(len(ids), chunk_size, f"{cohort.name}: image features ({encoder.name})",
-                         lambda c: _chunk_key(config, stamps[c]), cache, compute, progress)
+                         lambda c: _chunk_key(config, stamps[c]), cache, compute, progress, "images")
     features = np.concatenate([c["features"] for c in chunks]) if chunks else np.zeros((0, encoder.feature_dim), np.float32)
     errors = np.concatenate([c["errors"] for c in chunks]) if chunks else np.zeros(0, str)
     failed = errors != ""
@@ -130,7 +135,7 @@ def embed_texts(texts: Sequence[str], encoder, cache_dir: Path, name: str, chunk
     texts = list(texts)
     chunks = _run_chunks(len(texts), chunk_size, f"{name}: text features ({encoder.name})",
                          lambda c: _chunk_key(config, texts[c]), cache,
-                         lambda c: {"features": encoder.encode(texts[c])}, progress)
+                         lambda c: {"features": encoder.encode(texts[c])}, progress, "reports")
     if not chunks:
         return np.zeros((0, encoder.feature_dim), np.float32)
     return np.concatenate([c["features"] for c in chunks])

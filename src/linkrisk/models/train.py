@@ -13,9 +13,9 @@ import dataclasses
 import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import Progress
 
 from linkrisk._logging import logger
+from linkrisk._progress import progress_bar
 from linkrisk.errors import InputError
 from linkrisk.models.heads import DualHeads, ProjectionHead
 
@@ -89,6 +89,7 @@ def fit_heads(image_features: np.ndarray, text_features: np.ndarray, report_row:
         report_row: ``[n_images]`` row of each image's true report in ``text_features``.
         patient_ids: ``[n_images]`` patient of each image; the validation part is patient-disjoint.
         config: optimisation options.
+        progress: show a progress bar over the optimisation steps.
 
     Returns:
         ``(heads, history)``: the heads at the best validation step, and a
@@ -126,7 +127,8 @@ def fit_heads(image_features: np.ndarray, text_features: np.ndarray, report_row:
 
     best = (validate(), 0, copy.deepcopy(heads.state_dict()))
     step = 0
-    with Progress(disable=not progress, transient=True) as bar:
+    # The bar's total is max_steps, and early stopping ends it sooner.
+    with progress_bar(progress, "steps") as bar:
         task = bar.add_task("fitting projection heads", total=config.max_steps)
         for step in range(1, config.max_steps + 1):
             batch = rng.choice(fit_reports, size=min(config.batch_size, len(fit_reports)), replace=False)
