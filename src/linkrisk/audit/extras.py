@@ -1,4 +1,4 @@
-"""Per-record and plot fields of a main audit: the Recall@1 curve, the assignment attack and the risk table.
+"""Per-record and plot fields of a main audit: Recall@1 curve, assignment attack, rank histogram, risk table.
 
 These go with the main view only (image-to-report, study level, each
 image on its own, random negatives); the demo and configuration runs
@@ -15,7 +15,7 @@ from linkrisk._io import atomic_write
 from linkrisk.audit.assignment import assignment_attack
 from linkrisk.audit.ranks import rank_counts
 from linkrisk.audit.recall import recall_curve
-from linkrisk.audit.risk import record_risk, true_score_margin
+from linkrisk.audit.risk import rank_histogram, record_risk, true_score_margin
 
 ASSIGNMENT_BATCH_SIZES = (10, 100, 1000)
 
@@ -23,7 +23,7 @@ ASSIGNMENT_BATCH_SIZES = (10, 100, 1000)
 def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row: np.ndarray,
                       patient_ids: np.ndarray, image_ids: np.ndarray, folder: Path, n_boot: int,
                       seed: int, progress: bool = False) -> dict:
-    """Compute the Recall@1 curve and the assignment attack, and write ``folder/risk.parquet``.
+    """Compute the Recall@1 curve, the assignment attack and the rank histogram; write ``folder/risk.parquet``.
 
     Args:
         image_emb: ``[n_images, d]`` image embeddings; report_emb: ``[n_reports, d]``.
@@ -33,7 +33,8 @@ def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row:
         progress: show a progress bar over the assignment attack's batches.
 
     Returns:
-        ``{"recall_at_1_curve": [...], "assignment": [...]}`` (fields of a ``results.json`` run entry).
+        ``{"recall_at_1_curve": [...], "assignment": [...], "rank_histogram": {...}}`` (fields of a
+        ``results.json`` run entry).
     """
     above, equal = rank_counts(image_emb, report_emb, report_row)
     curve = recall_curve(above, equal, len(report_emb), patient_ids, k=1, n_boot=n_boot, seed=seed)
@@ -42,7 +43,8 @@ def main_audit_extras(image_emb: np.ndarray, report_emb: np.ndarray, report_row:
     atomic_write(Path(folder) / "risk.parquet", lambda tmp: risk.to_parquet(tmp, index=False))
     assignment = assignment_attack(image_emb, report_emb, report_row, batch_sizes=list(ASSIGNMENT_BATCH_SIZES),
                                    n_batches=100, n_boot=n_boot, seed=seed, progress=progress)
-    return {"recall_at_1_curve": curve, "assignment": assignment}
+    return {"recall_at_1_curve": curve, "assignment": assignment,
+            "rank_histogram": rank_histogram(above, equal, len(report_emb))}
 
 
 __all__ = ["ASSIGNMENT_BATCH_SIZES", "main_audit_extras"]
