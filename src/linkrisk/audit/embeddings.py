@@ -46,7 +46,8 @@ def _read_npy(path: Path) -> np.ndarray:
     except FileNotFoundError as err:
         raise InputError(f"{path}: not found; expected image.npy, report.npy and pairs.parquet") from err
     except (ValueError, EOFError, OSError) as err:
-        raise InputError(f"{path}: not a readable numeric .npy array ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: not a readable numeric .npy array ({type(err).__name__}: {err}); save the "
+                         "embeddings as a float array with numpy.save (object arrays need pickle and are not read)") from err
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: is an .npz archive, not a single .npy array")
     return array
@@ -64,6 +65,14 @@ def _checked_pairs(path: Path, pairs: pd.DataFrame, n_images: int, n_reports: in
     if no_patient.any():
         raise InputError(f"{path}: {int(no_patient.sum())} rows have no patient_id (first at row "
                          f"{int(np.flatnonzero(no_patient.to_numpy())[0])}); intervals resample patients")
+
+    if "image_id" in pairs.columns:
+        repeated = pairs["image_id"].astype(str)
+        repeated = repeated[repeated.duplicated()].unique()
+        if len(repeated):
+            shown = ", ".join(repeated[:5]) + (f" and {len(repeated) - 5} more" if len(repeated) > 5 else "")
+            raise InputError(f"{path}: duplicate image_id values ({shown}); each row is one image and needs its own "
+                             "id, so re-create the folder or drop the repeated rows from image.npy and pairs.parquet")
 
     rows = pd.to_numeric(pairs["report_row"], errors="coerce")
     bad = rows.isna() | (rows != rows.round()) | (rows < 0) | (rows >= n_reports)
@@ -181,6 +190,10 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
             source = str(folder).removeprefix("manifest:") if str(folder).startswith("manifest:") else \
                 Path(folder) / "reports.parquet"
             labels = _label_columns(Path(source), reports)
+    if pairs["patient_id"].nunique() == 1:
+        logger.warning("%s: all %d images belong to one patient (%s), so every patient-bootstrap resample is the "
+                       "same and the 95%% intervals have zero width; audit a cohort with more patients for "
+                       "intervals that show uncertainty", folder, len(pairs), pairs["patient_id"].iloc[0])
     image_ids = pairs["image_id"].to_numpy() if "image_id" in pairs.columns else None
     design = build_design(image, report, pairs["report_row"].to_numpy(), pairs["patient_id"].astype(str).to_numpy(),
                           image_ids=image_ids, report_labels=labels, report_patients=report_patients,

@@ -56,6 +56,8 @@ def numeric_labels(table: pd.DataFrame, labels: tuple[str, ...], path: Path, lin
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             where = f"row {row}" if line_offset is None else f"line {row + line_offset}"
+            value = table[label].iloc[row]
+            shown = repr(value) if isinstance(value, str) else str(value)  # numpy 2 reprs read np.float64(2.0)
             raise InputError(f"{path}: column {label!r} has {int(bad.sum())} values outside {{1, 0, -1, blank}} "
-                             f"(first at {where}: {table[label].iloc[row]!r})")
+                             f"(first at {where}: {shown}); use 1, 0, -1 or an empty cell")
         table[label] = values

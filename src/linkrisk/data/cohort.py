@@ -148,7 +148,8 @@ class PairedCohort:
         orphan = ~self.images["report_id"].isin(self.reports["report_id"])
         if orphan.any():
             pairs = [f"{i} -> {r}" for i, r in self.images.loc[orphan, ["image_id", "report_id"]].itertuples(index=False)]
-            problems.append(f"{orphan.sum()} images point to a report id that has no report ({_quote(pairs)})")
+            problems.append(f"{orphan.sum()} images point to a report id that has no report ({_quote(pairs)}): "
+                            "add those reports or drop their images")
 
         text = self.reports["text"]
         empty = ~has_text(text)
@@ -266,7 +267,8 @@ def split_by_patient(
     patients = np.array(sorted(cohort.images["patient_id"].unique()))
     if len(patients) < 2:
         raise InputError(
-            f"cohort {cohort.name!r} has {len(patients)} patient(s); a patient-disjoint split needs at least 2"
+            f"cohort {cohort.name!r} has {len(patients)} patient(s); a patient-disjoint split needs at least 2, so "
+            "add patients, or audit the cohort as a whole without a split"
         )
     rng = np.random.default_rng(seed)
     if stratify is None:

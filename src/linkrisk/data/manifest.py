@@ -81,18 +81,22 @@ def _as_text_ids(table: pd.DataFrame, path: Path) -> pd.DataFrame:
     return table
 
 
-def _embedding_matrix(values: pd.Series, path: Path, column: str) -> np.ndarray:
+def _embedding_matrix(values: pd.Series, ids: pd.Series, path: Path, column: str, kind: str) -> np.ndarray:
+    """Stack one embedding column into ``[rows, d]``; errors name the ``kind`` id (``image`` or ``report``) of the row."""
     rows = [np.asarray(v, dtype=np.float32) if v is not None else None for v in values]
     missing = [i for i, row in enumerate(rows) if row is None or row.ndim != 1 or len(row) == 0]
     if missing:
-        raise InputError(f"{path}: {len(missing)} rows have no {column} (first at row {missing[0]})")
+        raise InputError(f"{path}: {len(missing)} rows have no {column} (first: {kind} id {ids.iloc[missing[0]]}); "
+                         f"give every {kind} an embedding or leave its rows out")
     widths = {len(row) for row in rows}
     if len(widths) != 1:
         raise InputError(f"{path}: {column} rows differ in length ({sorted(widths)[:5]}); every row needs the same length")
     matrix = np.stack(rows)
-    if not np.isfinite(matrix).all():
-        first = int(np.flatnonzero(~np.isfinite(matrix).all(axis=1))[0])
-        raise InputError(f"{path}: {column} at row {first} contains NaN or inf")
+    bad = ~np.isfinite(matrix).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise InputError(f"{path}: {int(bad.sum())} {column} values contain NaN or inf (first: {kind} id "
+                         f"{ids.iloc[first]}); re-create the embeddings or leave those rows out")
     return matrix
 
 
@@ -148,7 +152,10 @@ def load_manifest(path: str | Path) -> PairedCohort:
 
     # Images: rows with an image id, whose report has text and whose file exists.
     image_rows = table[table["image_id"].notna() & (table["image_id"] != "")].copy()
-    image_rows = image_rows[~image_rows["report_id"].isin(set(reports.loc[empty, "report_id"]))]
+    textless = image_rows["report_id"].isin(set(reports.loc[empty, "report_id"]))
+    if textless.any():
+        skipped["image whose report has no text"] += int(textless.sum())
+    image_rows = image_rows[~textless]
     if not has_image_embedding:
         if "image_path" not in table.columns:
             raise InputError(f"{path}: missing column image_path (or image_embedding in a Parquet manifest)")
@@ -184,10 +191,12 @@ def load_manifest(path: str | Path) -> PairedCohort:
 
     embeddings = {}
     if has_image_embedding:
-        embeddings["image"] = _embedding_matrix(image_rows["image_embedding"], path, "image_embedding")
+        embeddings["image"] = _embedding_matrix(image_rows["image_embedding"], image_rows["image_id"], path,
+                                                "image_embedding", "image")
     if has_report_embedding:
         by_report = first_rows.set_index("report_id")["report_embedding"]
-        embeddings["report"] = _embedding_matrix(by_report.loc[reports["report_id"]], path, "report_embedding")
+        embeddings["report"] = _embedding_matrix(by_report.loc[reports["report_id"]], reports["report_id"], path,
+                                                 "report_embedding", "report")
     if embeddings.keys() == {"image", "report"} and embeddings["image"].shape[1] != embeddings["report"].shape[1]:
         raise InputError(f"{path}: image embeddings have {embeddings['image'].shape[1]} dimensions but report "
                          f"embeddings {embeddings['report'].shape[1]}; both must come from one model")

@@ -21,6 +21,20 @@ from linkrisk.errors import InputError
 _NESTED_KEYS = ("state_dict", "model_state_dict", "model")
 
 
+def _unpickler_detail(err: pickle.UnpicklingError) -> str:
+    """Return the part of torch's weights-only unpickler error that names the cause.
+
+    torch 2.x puts it in a paragraph after a fixed explanation of ``weights_only``, either as
+    "Trying to load unsupported GLOBAL ..." or after "WeightsUnpickler error:".
+    """
+    paragraphs = [" ".join(part.split()) for part in str(err).split("\n\n") if part.strip()]
+    for paragraph in paragraphs[1:]:
+        if paragraph.startswith("Check the documentation"):
+            continue
+        return paragraph.split("WeightsUnpickler error:")[-1].strip() or paragraph
+    return paragraphs[0] if paragraphs else type(err).__name__
+
+
 def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """Read a state dict (name to tensor) from a ``.safetensors`` file or a weights-only torch checkpoint.
 
@@ -36,18 +50,24 @@ def load_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path), device="cpu")
         except (SafetensorError, OSError) as err:
-            raise InputError(f"{path}: not a readable safetensors file ({err})") from err
+            raise InputError(f"{path}: not a readable safetensors file ({err}); the file is damaged or truncated, so "
+                             "download or export the weights again") from err
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        # torch 2.x names the blocked import as "GLOBAL module.name"; other unpickling errors mean damage.
-        if "GLOBAL" not in str(err):
-            raise InputError(f"{path}: not a readable torch checkpoint (the pickle data is damaged); "
-                             "download or export the weights again") from err
+        detail = _unpickler_detail(err)
+        # torch 2.x names a blocked import as "GLOBAL module.name". Any other unpickling error means damage, or
+        # pickle opcodes that the weights-only unpickler does not read (such as protocol 4 frames).
+        if "GLOBAL" not in detail:
+            raise InputError(f"{path}: not a readable torch checkpoint ({detail}); the pickle data is damaged, or "
+                             "uses more than tensors and plain containers, which weights-only loading rejects. "
+                             "Download or export the weights again, or convert a trusted copy to safetensors") from err
         raise InputError(f"{path}: rejected, because the checkpoint is a pickle that needs more than tensors to "
-                         "load and could run code. Convert a trusted copy to safetensors and pass that instead") from err
+                         f"load and could run code ({detail}). Convert a trusted copy to safetensors and pass that "
+                         "instead") from err
     except (RuntimeError, EOFError, OSError) as err:
-        raise InputError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: not a readable torch checkpoint ({type(err).__name__}: {err}); the file is "
+                         "damaged or truncated, so download or export the weights again") from err
 
     for key in _NESTED_KEYS:
         if isinstance(loaded, dict) and isinstance(loaded.get(key), dict):

@@ -52,7 +52,8 @@ def _read_array(path: Path, allow_patches: bool = False) -> np.ndarray:
     try:
         array = np.load(path, allow_pickle=False, mmap_mode="r")
     except (ValueError, EOFError, OSError) as err:
-        raise InputError(f"{path}: not a readable .npy array ({type(err).__name__}: {err})") from err
+        raise InputError(f"{path}: not a readable .npy array ({type(err).__name__}: {err}); save the features as "
+                         "a float array with numpy.save (object arrays need pickle and are not read)") from err
     if not isinstance(array, np.ndarray):
         raise InputError(f"{path}: is an .npz archive, not a single .npy array; save each array with numpy.save")
     shapes = "[rows, dimensions] or [rows, patches, dimensions]" if allow_patches else "[rows, dimensions]"
