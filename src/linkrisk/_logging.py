@@ -16,6 +16,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.logging import RichHandler
 
+from linkrisk._io import PRIVATE_FILE_MODE, make_private_dirs
+
 logger = logging.getLogger("linkrisk")
 
 # Lines of the log file: local time with milliseconds, level, logger name, message.
@@ -46,7 +48,7 @@ class OwnerOnlyFileHandler(logging.FileHandler):
         super().__init__(path, mode="a", encoding="utf-8")
 
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, PRIVATE_FILE_MODE)
         return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
 
 
@@ -56,8 +58,8 @@ def configure_logging(quiet: bool = False, log_file: Path | None = None, console
     The console shows INFO and above, or WARNING and above with ``quiet``,
     through rich. ``log_file`` receives every record at INFO and above,
     with or without ``quiet``, as plain text with timestamps. The file is
-    appended to, its parent folders are created, and a new file gets mode
-    0600. Python warnings (``warnings.warn``) become WARNING records of the
+    appended to, its missing parent folders are created with mode 0700, and
+    a new file gets mode 0600. Python warnings (``warnings.warn``) become WARNING records of the
     ``py.warnings`` logger, so they reach both. A second call replaces the
     handlers of the first and closes its file.
 
@@ -78,7 +80,7 @@ def configure_logging(quiet: bool = False, log_file: Path | None = None, console
 
     if log_file is not None:
         path = Path(log_file)
-        path.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dirs(path.parent)
         file_handler = OwnerOnlyFileHandler(path)
         file_handler.setFormatter(logging.Formatter(LOG_FILE_FORMAT))
         file_handler.setLevel(logging.INFO)

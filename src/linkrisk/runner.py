@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from linkrisk import __version__
-from linkrisk._io import write_json, write_text
+from linkrisk._io import make_private_dirs, write_json, write_text
 from linkrisk._logging import logger, stage
 from linkrisk.config import epsilon_value
 from linkrisk.errors import ConfigError
@@ -41,7 +41,7 @@ def run_config(config: dict[str, Any], config_text: str | None = None) -> dict[s
     ``config_text`` is the configuration file as written; it is copied to ``OUT/config.toml``.
     """
     out = Path(config["run"]["out"])
-    out.mkdir(parents=True, exist_ok=True)
+    make_private_dirs(out)
     write_json(out / "config.json", config)
     if config_text is not None:
         write_text(out / "config.toml", config_text)

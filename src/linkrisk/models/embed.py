@@ -45,7 +45,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from linkrisk import __version__
-from linkrisk._io import atomic_write, write_json, write_npy
+from linkrisk._io import PRIVATE_FILE_MODE, atomic_write, make_private_dirs, write_json, write_npy
 from linkrisk._logging import logger, stage
 from linkrisk._progress import progress_bar
 from linkrisk.data.cohort import PairedCohort
@@ -390,8 +390,8 @@ def _write_outputs(out: Path, cohort: PairedCohort, image_features: np.ndarray, 
 @contextlib.contextmanager
 def _locked(out: Path):
     """Hold an exclusive lock on ``out/.embed.lock`` for the run; the OS releases it if the process dies."""
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / ".embed.lock", "w") as handle:
+    make_private_dirs(out)
+    with open(os.open(out / ".embed.lock", os.O_WRONLY | os.O_CREAT, PRIVATE_FILE_MODE), "w") as handle:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as err:
