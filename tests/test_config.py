@@ -206,7 +206,7 @@ def test_config_check_prints_resolved(tmp_path):
 def test_run_rejects_invalid_config(tmp_path):
     path = tmp_path / "run.toml"
     path.write_text('[run]\nout = "o"\n[demo]\ndata = "d"\nepsilon = 0.5\ndp_noise = 1\n')
-    result = runner.invoke(app, ["run", str(path)])
+    result = runner.invoke(app, ["run", str(path), "--no-quiet"])
     assert result.exit_code == 2
     assert "demo: unknown key 'dp_noise'" in result.output
     assert not (tmp_path / "o").exists()

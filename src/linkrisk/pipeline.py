@@ -27,9 +27,11 @@ import pandas as pd
 from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
+from linkrisk.audit.attributes import cohort_attribute_codes
 from linkrisk.audit.design import AuditDesign, build_design
 from linkrisk.audit.extras import main_audit_extras
 from linkrisk.audit.run import run_audit, run_audits
+from linkrisk.audit.verdict import verdict_line
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
 from linkrisk.errors import InputError
 from linkrisk.mitigate import DPConfig, train_dp_heads
@@ -63,6 +65,7 @@ class DemoConfig:
     seed: int = 0
     epsilons: tuple = (0.1, 0.34, 1.0, 3.0, 10.0, math.inf)
     refit_ks: tuple = (50, 200, "all")
+    permutations: int = 999
     fit: FitConfig = dataclasses.field(default_factory=FitConfig)
     dp: DPConfig = dataclasses.field(default_factory=DPConfig)
     progress: bool = True
@@ -144,13 +147,17 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     main = design()
     # Uniform and pathology-matched pools (uncertain and blank counted as negative) from one scoring pass.
     audits = run_audits(main, **options, negatives=("random", "label_matched") if has_labels else ("random",),
-                        label_policy="zeros")
+                        label_policy="zeros", permutations=config.permutations)
     result = audits[0]
+    attributes = cohort_attribute_codes(features.cohort.images, features.cohort.reports,
+                                        features.cohort.label_matrix() if has_labels else None, features.report_row)
     extras = main_audit_extras(image_emb, report_emb, features.report_row, features.patient_ids,
                                features.cohort.images["image_id"].to_numpy(), folder, config.n_boot, config.seed,
-                               progress=config.progress)
+                               progress=config.progress, attributes=attributes, pools=config.pools, ks=config.ks)
     runs = [{**common, **result, **extras}]
+    runs[0]["verdict"] = verdict_line(runs[0])
     _log_recall_at_1(runs[-1], "uniform")
+    logger.info("verdict %s / %s heads: %s", name, heads_name, runs[0]["verdict"])
 
     if has_labels:
         runs.append({**common, **audits[1]})

@@ -342,3 +342,37 @@ def compare_with_oracle(model_above: np.ndarray, model_equal: np.ndarray, oracle
                         "ratio": ratio,
                         "ratio_ci95": [float(v) for v in ratio_interval] if ratio is not None else None})
     return results
+
+
+def cohort_attribute_codes(images: pd.DataFrame, reports: pd.DataFrame, report_labels: np.ndarray | None,
+                           report_row: np.ndarray, label_policy: str = "zeros") -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """Build the oracle's attribute codes of a paired cohort: each image's view and its report's label vector.
+
+    Args:
+        images: the cohort's image table (column ``view``), one row per query.
+        reports: the cohort's report table, one row per candidate unit.
+        report_labels: ``[n_reports, L]`` label matrix, or None when the cohort has no labels.
+        report_row: ``[n_images]`` row of each image's true report.
+        label_policy: ``zeros`` or ``ones`` (see :func:`label_vector_codes`).
+
+    Returns:
+        ``(query_codes [n_images, A], unit_codes [n_reports, A], names)``. A report's view is the view
+        its images share, and missing where they disagree or it has none. The query's label code is
+        its true report's, which hands the oracle the exact findings: its figure is a ceiling on what
+        an attacker predicting attributes from pixels could reach.
+    """
+    report_row = np.asarray(report_row, dtype=np.int64)
+    views = images["view"].astype(object).where(images["view"].notna(), None).replace({"": None})
+    per_report = pd.DataFrame({"row": report_row, "view": views.to_numpy()}).groupby("row")["view"]
+    agreed = per_report.agg(lambda values: values.iloc[0] if values.nunique(dropna=False) == 1 else None)
+    report_views = pd.Series([None] * len(reports), dtype=object)
+    report_views.iloc[agreed.index.to_numpy()] = agreed.to_numpy()
+    query_view, unit_view = encode_attributes(pd.DataFrame({"view": views.to_numpy()}),
+                                              pd.DataFrame({"view": report_views.to_numpy()}), columns=["view"])
+    columns_query, columns_unit, names = [query_view[:, 0]], [unit_view[:, 0]], ["view"]
+    if report_labels is not None and np.asarray(report_labels).shape[1]:
+        unit_labels = label_vector_codes(report_labels, label_policy)
+        columns_query.append(unit_labels[report_row])
+        columns_unit.append(unit_labels)
+        names.append("labels")
+    return np.stack(columns_query, axis=1), np.stack(columns_unit, axis=1), names

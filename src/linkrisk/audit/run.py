@@ -12,6 +12,7 @@ from linkrisk.audit.design import AuditDesign
 from linkrisk.audit.montecarlo import monte_carlo_recall
 from linkrisk.audit.negatives import FALLBACKS, LABEL_POLICIES, summarise_matched, unit_label_masks
 from linkrisk.audit.ranks import stream_counts
+from linkrisk.audit.stats import permutation_test, recall_upper_bounds
 from linkrisk.audit.recall import (
     TIE_RULES,
     audit_counts,
@@ -34,7 +35,8 @@ def run_audit(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "ful
 def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10),
                n_boot: int = 1000, seed: int = 0, *, negatives: tuple[str, ...] = ("random",), ties: str = "random",
                label_policy: str = "zeros", fallback: str | None = None, monte_carlo_pools: int = 0,
-               block_size: int | None = None, device: str | torch.device = "cpu") -> list[dict]:
+               permutations: int = 0, upper_level: float | None = 0.95, block_size: int | None = None,
+               device: str | torch.device = "cpu") -> list[dict]:
     """Audit one design from a single streaming pass, once per kind of negatives.
 
     Args:
@@ -51,12 +53,19 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
         monte_carlo_pools: with ``random`` negatives, sample this many
             explicit pools per query and pool size and report them beside
             the closed form (0: off).
+        permutations: with ``random`` negatives, run a permutation test of
+            "no linkage" with this many patient permutations
+            (:func:`~linkrisk.audit.stats.permutation_test`; 0: off).
+        upper_level: with ``random`` negatives, add one-sided upper
+            confidence bounds on Recall@K and lift at this level
+            (:func:`~linkrisk.audit.stats.recall_upper_bounds`; None: off).
 
     Returns:
         One dict per kind: the design's facts plus the summary of
         :func:`~linkrisk.audit.recall.audit_counts` or
-        :func:`~linkrisk.audit.negatives.summarise_matched`, and a
-        ``monte_carlo`` list when requested.
+        :func:`~linkrisk.audit.negatives.summarise_matched`, and
+        ``upper_bounds``, ``permutation_test`` and ``monte_carlo`` with
+        random negatives when requested.
     """
     negatives = tuple(negatives)
     _check_pools_and_ks(pools, ks)
@@ -72,6 +81,10 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
         raise ConfigError("the nearest-label fallback applies to label-matched negatives only")
     if monte_carlo_pools < 0:
         raise ConfigError(f"the number of Monte Carlo pools must be 0 (off) or more, got {monte_carlo_pools}")
+    if permutations < 0:
+        raise ConfigError(f"the number of permutations must be 0 (off) or more, got {permutations}")
+    if upper_level is not None and not 0.5 <= upper_level < 1:
+        raise ConfigError(f"the upper bounds' confidence level must be in [0.5, 1), got {upper_level}")
     if monte_carlo_pools and "random" not in negatives:
         raise ConfigError("Monte Carlo pools sample uniform pools; use them with random negatives")
     masks = (None, None, None)
@@ -101,6 +114,16 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
             continue
         result = {**facts, "negatives": "random", **audit_counts(counts.above, counts.equal, counts.n_candidates,
                                                                  design.query_patients, pools, ks, n_boot, seed, ties)}
+        if upper_level is not None:
+            result["upper_bounds"] = recall_upper_bounds(counts.above, counts.equal, counts.n_candidates,
+                                                         design.query_patients, pools, ks, n_boot, seed, ties,
+                                                         upper_level)
+        if permutations:
+            logger.info("permutation test started: %d patient permutations", permutations)
+            result["permutation_test"] = permutation_test(
+                design.queries, design.candidates, design.true_unit, design.query_patients, pools=pools, ks=ks,
+                n_permutations=permutations, seed=seed, ties=ties, candidate_unit=design.candidate_unit,
+                block_size=block_size, device=device).to_dict()
         if monte_carlo_pools:
             result["monte_carlo"] = _monte_carlo(design, counts, pools, ks, n_boot, seed, monte_carlo_pools, device)
         results.append(result)

@@ -187,6 +187,8 @@ def _linkage_sentences(group: Group) -> list[str]:
         f"(95% CI {fmt_interval(entry.get('ci95'))}). Guessing would give {fmt_pct(entry.get('chance'))}, "
         f"so this is {fmt_lift(entry.get('lift'))} chance."]
     sentences.extend(_verdict_sentences(entry, baseline))
+    if baseline.get("verdict"):
+        sentences.append(f"Verdict: {baseline['verdict']}.")
     mitigated = next((run for run in group.main if run["heads"] == "dp" and run is not baseline), None)
     if mitigated is not None:
         sentences.extend(_mitigation_sentences(entry, mitigated))
