@@ -34,6 +34,21 @@ at a fraction of the time and memory (``benchmarks/dp.py``). It is exact
 only because each patient's loss depends on that patient alone, so the
 in-batch loss and patch-grid features keep Opacus's per-sample gradients.
 
+Checkpoints: with ``checkpoint`` set, the training state is written
+atomically after the noise calibration and after every epoch. It
+contains the heads, the optimizer state (momentum), the step and
+empty-batch counters, the accountant's step history and the calibrated
+noise multiplier. With ``noise_seed``
+set, the states of the sampling and noise generators are saved too, so a
+resumed run gives bit-identical heads. Without a seed they are never
+written to disk (that would record the noise), and a resumed run draws
+fresh OS entropy. Each step's noise is then still independent of every
+other step's, and the accountant counts every step once: the steps of
+the saved epochs plus those run after the resume. The steps of a
+partial epoch that was killed are discarded with their result. A
+checkpoint is keyed by a hash of every input, option and library
+version, so a changed run starts over instead of resuming stale state.
+
 Privacy unit: the patient. A patient's pairs are padded to the largest
 pair count and masked, and their losses are averaged into one
 per-patient loss. Adding or removing a patient therefore changes one row
@@ -46,11 +61,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import hashlib
+import json
 import math
+import pickle
 import secrets
 import warnings
+from pathlib import Path
 
 import numpy as np
+import opacus
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import PRVAccountant, RDPAccountant
@@ -62,6 +82,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClippi
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 
+from linkrisk._io import atomic_write
 from linkrisk._logging import logger, stage
 from linkrisk._progress import progress_bar
 from linkrisk.errors import ConfigError, InputError
@@ -293,10 +314,78 @@ def _starting_heads(config: DPConfig, initial_heads: tuple[nn.Module, nn.Module]
     return heads
 
 
+TRAINING_STATE_FORMAT = "linkrisk-dp-training/1"
+
+
+def _update_with_array(digest, array) -> None:
+    array = np.ascontiguousarray(array)
+    digest.update(f"{array.dtype.str}{array.shape}".encode())
+    if array.dtype == object:
+        digest.update("\0".join(map(str, array.ravel())).encode())
+    else:
+        digest.update(array.data)
+
+
+def training_key(image_features: np.ndarray, text_features: np.ndarray, report_row: np.ndarray,
+                 patient_ids: np.ndarray, public_image_features: np.ndarray, public_text_features: np.ndarray,
+                 config: DPConfig, initial_heads: tuple[nn.Module, nn.Module] | None = None) -> str:
+    """Hash everything that determines a DP training run, for checkpoint keys.
+
+    The hash covers the arrays, every option of ``config``, the starting heads when
+    ``config.init`` is ``"original"`` and the torch, Opacus and NumPy versions. A library upgrade therefore starts training over, because the saved
+    generator and optimizer states need not carry over between versions.
+    """
+    digest = hashlib.sha256()
+    header = {"format": TRAINING_STATE_FORMAT, "config": dataclasses.asdict(config),
+              "versions": [torch.__version__, opacus.__version__, np.__version__]}
+    digest.update(json.dumps(header, sort_keys=True, default=str).encode())
+    for array in (image_features, text_features, report_row, np.asarray(patient_ids).astype(str),
+                  public_image_features, public_text_features):
+        _update_with_array(digest, array)
+    if config.init == "original" and initial_heads is not None:
+        for head in initial_heads:
+            for name, tensor in head.state_dict().items():
+                digest.update(name.encode())
+                _update_with_array(digest, tensor.detach().cpu().numpy())
+    return digest.hexdigest()[:24]
+
+
+def _remove_stale_temp_files(path: Path) -> None:
+    """Delete temp files that a run killed while writing ``path`` left beside it (see ``atomic_write``)."""
+    # NOTE: nothing locks a checkpoint folder, so a second run training the same point at the same time can
+    # delete the first run's temp file mid-write, and its checkpoint write then fails.
+    for stale in path.parent.glob(f".{path.name}.*.tmp"):
+        stale.unlink(missing_ok=True)
+
+
+def _load_training_state(path: Path, key: str) -> dict | None:
+    """Return the saved training state at ``path`` if it carries ``key``; None when absent, unreadable or stale."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        logger.warning("DP: training checkpoint %s is not readable (%s), so training starts from epoch 0", path, err)
+        return None
+    if not isinstance(state, dict) or state.get("format") != TRAINING_STATE_FORMAT:
+        logger.warning("DP: %s is not a linkrisk DP training checkpoint, so training starts from epoch 0", path)
+        return None
+    if state.get("key") != key:
+        logger.info("DP: training checkpoint %s was written for other inputs or options, so training starts from "
+                    "epoch 0", path)
+        return None
+    return state
+
+
+def _save_training_state(path: Path, state: dict) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
 def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report_row: np.ndarray,
                    patient_ids: np.ndarray, public_image_features: np.ndarray, public_text_features: np.ndarray,
                    config: DPConfig = DPConfig(), progress: bool = True,
-                   initial_heads: tuple[nn.Module, nn.Module] | None = None) -> tuple[HeadPair, dict]:
+                   initial_heads: tuple[nn.Module, nn.Module] | None = None,
+                   checkpoint: Path | None = None) -> tuple[HeadPair, dict]:
     """Train heads with DP-SGD at a target (epsilon, delta) per patient.
 
     Args:
@@ -310,6 +399,10 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
         progress: show a progress bar over the DP-SGD steps.
         initial_heads: the model's own ``(image_head, text_head)``, copied and fine-tuned
             when ``config.init`` is ``"original"``.
+        checkpoint: file for the training state, written atomically after calibration and
+            after every epoch (see the module docstring). A run whose key (:func:`training_key`)
+            matches the file's resumes after its last complete epoch. The file stays after
+            training, so the caller deletes it once the heads are stored. None keeps nothing.
 
     Returns:
         ``(heads, record)``. ``record`` contains everything needed to reproduce
@@ -334,12 +427,24 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     steps_per_epoch = max(1, math.ceil(1.0 / sample_rate - 1e-9))
     planned_steps = config.epochs * steps_per_epoch
     expected_batch = n_patients * sample_rate
-    calibrating = config.epsilon != math.inf and config.noise_multiplier is None
-    # The noise search runs the accountants many times and can take more than ten seconds.
-    calibration = stage(f"DP: noise calibration to epsilon {config.epsilon:g} at delta {delta:.3g} over "
-                        f"{planned_steps} steps") if calibrating else contextlib.nullcontext()
-    with calibration:
-        noise_multiplier = _noise_multiplier(config, delta, sample_rate, planned_steps)
+    state, key = None, ""
+    if checkpoint is not None:
+        checkpoint = Path(checkpoint)
+        _remove_stale_temp_files(checkpoint)
+        key = training_key(image_features, text_features, report_row, patient_ids, public_image_features,
+                           public_text_features, config, initial_heads)
+        state = _load_training_state(checkpoint, key)
+    if state is not None:
+        # The checkpoint's key covers every input of the calibration, so its noise multiplier is the one
+        # calibration would return.
+        noise_multiplier = float(state["noise_multiplier"])
+    else:
+        calibrating = config.epsilon != math.inf and config.noise_multiplier is None
+        # The noise search runs the accountants many times and can take more than ten seconds.
+        calibration = stage(f"DP: noise calibration to epsilon {config.epsilon:g} at delta {delta:.3g} over "
+                            f"{planned_steps} steps") if calibrating else contextlib.nullcontext()
+        with calibration:
+            noise_multiplier = _noise_multiplier(config, delta, sample_rate, planned_steps)
 
     rng = np.random.default_rng(config.seed)
     bank_rows = rng.choice(len(public_text_features), size=min(config.bank_size, len(public_text_features)), replace=False)
@@ -380,13 +485,40 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
     sampler = UniformWithReplacementSampler(num_samples=n_patients, sample_rate=sample_rate, generator=sampling,
                                             steps=steps_per_epoch)
 
-    history, steps, empty_batches = [], 0, 0
+    # Generator states are saved only for seeded noise, because saving OS-entropy states would record the noise.
+    save_generators = config.noise_seed is not None and not config.secure_mode
+    history, steps, empty_batches, first_epoch = [], 0, 0, 0
+    if state is not None:
+        heads.load_state_dict(state["heads"])
+        optimizer.load_state_dict(state["optimizer"])
+        if save_generators:
+            sampling.set_state(state["sampling_generator"])
+            noise.set_state(state["noise_generator"])
+        history = [tuple(entry) for entry in state["history"]]
+        steps, empty_batches, first_epoch = int(state["steps"]), int(state["empty_batches"]), int(state["epoch"])
+        logger.info("DP: resuming from %s after epoch %d of %d (%d steps done)%s", checkpoint, first_epoch,
+                    config.epochs, steps, "" if save_generators else "; sampling and noise continue from fresh "
+                    "OS entropy, independent of the steps before")
+
+    def save_checkpoint(epochs_done: int) -> None:
+        saved = {"format": TRAINING_STATE_FORMAT, "key": key, "epoch": epochs_done, "steps": steps,
+                 "empty_batches": empty_batches, "history": [list(entry) for entry in _merge(history)],
+                 "noise_multiplier": noise_multiplier, "heads": heads.state_dict(),
+                 "optimizer": optimizer.state_dict()}
+        if save_generators:
+            saved["sampling_generator"] = sampling.get_state()
+            saved["noise_generator"] = noise.get_state()
+        _save_training_state(checkpoint, saved)
+
+    if checkpoint is not None and state is None:
+        # Saved before the first step, so a resumed run skips the noise calibration.
+        save_checkpoint(0)
     model.train()
     with progress_bar(progress, "steps") as bar:
         description = (f"DP-SGD on projection heads (epsilon {config.epsilon:g})" if private
                        else "non-private fine-tuning (epsilon = inf)")
-        task = bar.add_task(description, total=planned_steps)
-        for _ in range(config.epochs):
+        task = bar.add_task(description, total=planned_steps, completed=steps)
+        for epoch in range(first_epoch, config.epochs):
             for indices in sampler:
                 batch = torch.as_tensor(indices, dtype=torch.long)
                 optimizer.zero_grad()
@@ -409,6 +541,8 @@ def train_dp_heads(image_features: np.ndarray, text_features: np.ndarray, report
                 history.append((noise_multiplier, sample_rate, 1))
                 steps += 1
                 bar.advance(task)
+            if checkpoint is not None:
+                save_checkpoint(epoch + 1)
     if private:
         model._close()
 

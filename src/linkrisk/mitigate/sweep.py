@@ -12,7 +12,11 @@ reference point. Targets carry their relation to the training cohort:
 patients) or ``transfer`` (another cohort, heads applied unchanged).
 
 Every finished ε point is written to ``<checkpoint_dir>/eps-<ε>.json``
-with its heads, and a rerun with the same inputs and options reuses it.
+with its heads in ``<checkpoint_dir>/eps-<ε>/``, and a rerun with the
+same inputs and options reuses it. While a point trains, its DP training
+state is saved after every epoch to ``<checkpoint_dir>/eps-<ε>/dp-training.pt``
+(see :mod:`linkrisk.mitigate.dp`), so a killed run resumes after the
+last complete epoch. That file is deleted once the point is finished.
 """
 
 from __future__ import annotations
@@ -91,10 +95,25 @@ def probe_with_heads(image_head: nn.Module, train: FeatureCohort, target: Featur
     return probe_macro_auroc(train_x, train_y, test_x, test_y, target.patient_ids, labels, n_boot=n_boot, seed=seed)
 
 
+TRAINING_STATE_NAME = "dp-training.pt"
+
+
+def _heads_digest(*heads: nn.Module) -> str:
+    """Hash the weights of ``heads``, which a cohort's fingerprint (features and ids only) does not cover."""
+    digest = hashlib.sha256()
+    for head in heads:
+        for name, tensor in head.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
 def _point_key(epsilon: float, train: FeatureCohort, public: FeatureCohort, targets: list[FeatureCohort],
                config: DPConfig, n_boot: int, seed: int) -> str:
+    # The training cohort's heads are the starting point with init "original", so they key the point too.
     text = json.dumps({"epsilon": str(epsilon), "config": dataclasses.asdict(config), "n_boot": n_boot, "seed": seed,
-                       "cohorts": [c.fingerprint for c in (train, public, *targets)]}, sort_keys=True, default=str)
+                       "cohorts": [c.fingerprint for c in (train, public, *targets)],
+                       "train_heads": _heads_digest(train.image_head, train.text_head)}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -137,11 +156,14 @@ def epsilon_sweep(train: FeatureCohort, public: FeatureCohort, targets: list[Fea
         for epsilon in epsilons:
             key = _point_key(epsilon, train, public, targets, config, n_boot, seed)
             path = checkpoint_dir / f"eps-{epsilon:g}.json" if checkpoint_dir else None
+            training_state = checkpoint_dir / f"eps-{epsilon:g}" / TRAINING_STATE_NAME if checkpoint_dir else None
             if path is not None and path.is_file():
                 stored = json.loads(path.read_text(encoding="utf-8"))
                 if stored.get("key") == key:
                     logger.info("epsilon %g: reusing the finished point %s", epsilon, path)
                     points.append(stored["point"])
+                    # A run killed after writing the point but before deleting the training state left it behind.
+                    training_state.unlink(missing_ok=True)
                     # A reused point leaves the total, so the time remaining counts trained points only.
                     to_train -= 1
                     bar.update(task, total=to_train)
@@ -150,7 +172,8 @@ def epsilon_sweep(train: FeatureCohort, public: FeatureCohort, targets: list[Fea
                 heads, record = train_dp_heads(train.image_features, train.report_features, train.report_row,
                                                train.patient_ids, public.image_features, public.report_features,
                                                dataclasses.replace(config, epsilon=epsilon), progress=progress,
-                                               initial_heads=(train.image_head, train.text_head))
+                                               initial_heads=(train.image_head, train.text_head),
+                                               checkpoint=training_state)
             point = {"epsilon": epsilon if math.isfinite(epsilon) else "inf", "dp": record,
                      "targets": _evaluate(f"epsilon {epsilon:g}", heads.image_head, heads.text_head, train, targets,
                                           n_boot, seed)}
@@ -158,6 +181,7 @@ def epsilon_sweep(train: FeatureCohort, public: FeatureCohort, targets: list[Fea
                 save_heads(checkpoint_dir / f"eps-{epsilon:g}", plain_head(heads.image_head),
                            plain_head(heads.text_head), {"dp": record})
                 write_json(path, {"key": key, "point": point})
+                training_state.unlink(missing_ok=True)
             points.append(point)
             bar.advance(task)
     return {"original": original, "points": points}
