@@ -95,6 +95,8 @@ INVOCATIONS = [
     _case("audit-label-matched", "audit {audit} --negatives label-matched --label-policy ignore "
           "--fallback nearest-label --pools 5 --ks 1 --n-boot 20", 0, "label policy ignore"),
     _case("audit-monte-carlo", "audit {audit} --monte-carlo 5 --pools 5 --ks 1 --n-boot 20", 0, "Monte Carlo N="),
+    _case("audit-permutations", "audit {audit} --permutations 19 --pools 5 --ks 1 --n-boot 20", 0,
+          r"permutation test \(19 patient permutations\): mean normalised rank p = "),
     _case("audit-merge", "audit {audit} --merge-identical --pools 5 --ks 1 --n-boot 20", 0, "Recall"),
     _case("audit-no-merge", "audit {audit} --no-merge-identical --pools 5 --ks 1 --n-boot 20", 0, "Recall"),
     _case("audit-manifest", "audit manifest:{manifest} --pools 5 --ks 1 --n-boot 20", 0, "48 queries"),
@@ -106,6 +108,7 @@ INVOCATIONS = [
     _case("audit-ties-bad", "audit {audit} --ties first", 2, "invalid --ties 'first'"),
     _case("audit-device-bad", "audit {audit} --device abacus", 2, "invalid --device 'abacus'"),
     _case("audit-monte-carlo-bad", "audit {audit} --monte-carlo -1", 2, "--monte-carlo"),
+    _case("audit-permutations-bad", "audit {audit} --permutations -1", 2, "--permutations"),
     _case("audit-unknown-option", "audit {audit} --pool 5", 2, "No such option"),
     _case("audit-no-argument", "audit", 2, "Missing argument"),
 

@@ -31,8 +31,8 @@ def _choice(value: str, valid: Sequence[str], option: str) -> str:
 def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "full"), ks: Sequence[int] = (1, 5, 10),
           direction: str = "image-to-report", level: str = "study", image_level: str = "image",
           merge_identical: bool = False, ties: str = "random", negatives: str = "random",
-          label_policy: str = "zeros", fallback: str = "none", monte_carlo: int = 0, n_boot: int = 1000,
-          seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+          label_policy: str = "zeros", fallback: str = "none", monte_carlo: int = 0, permutations: int = 0,
+          n_boot: int = 1000, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
     """Audit saved embeddings, as ``linkrisk audit``: Recall@K with lift and patient-bootstrap intervals.
 
     Args:
@@ -53,6 +53,8 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
 
     if not isinstance(monte_carlo, int) or isinstance(monte_carlo, bool) or monte_carlo < 0:
         raise ConfigError(f"invalid monte_carlo {monte_carlo!r}; use 0 (off) or a positive number of pools")
+    if not isinstance(permutations, int) or isinstance(permutations, bool) or permutations < 0:
+        raise ConfigError(f"invalid permutations {permutations!r}; use 0 (off) or a positive number of permutations")
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
         raise ConfigError(f"invalid n_boot {n_boot!r}; use a positive number of resamples")
     fallback_choice = _choice(fallback, ("none", "nearest_label"), "fallback")
@@ -63,7 +65,7 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
         direction=_choice(direction, DIRECTIONS, "direction"), level=_choice(level, LEVELS, "level"),
         image_level=_choice(image_level, IMAGE_LEVELS, "image_level"), merge_identical=merge_identical,
         ties=_choice(ties, TIE_RULES, "ties"), fallback=None if fallback_choice == "none" else fallback_choice,
-        monte_carlo_pools=monte_carlo, device=device)
+        monte_carlo_pools=monte_carlo, permutations=permutations, device=device)
 
 
 def embed(model: str, weights: str | Path, dataset: str, out: str | Path, text_policy: str | None = None,

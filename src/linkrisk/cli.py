@@ -267,6 +267,15 @@ def _print_audit(result: dict) -> None:
     else:
         console.print(f"  label policy {result['label_policy']}; {result['n_queries_without_labels']} queries and "
                       f"{result['n_candidates_without_labels']} candidates without labels left out")
+    test = result.get("permutation_test")
+    if test:
+        console.print(f"  permutation test ({test['n_permutations']} patient permutations): mean normalised rank "
+                      f"p = {test['mean_normalised_rank']['p_value']:.4f}; " + ", ".join(
+                          f"Recall@{e['k']} N={e['pool']} p = {e['p_value']:.4f}" for e in test["recall"]))
+    for bound in result.get("upper_bounds", []):
+        console.print(f"  N={bound['pool']!s:>5} K={bound['k']:>3}  Recall at most {bound['upper']:.4f} "
+                      f"({bound['lift_upper']:.2f}x chance) with {bound['level']:.0%} confidence "
+                      f"({bound['upper_method'].replace('_', '-')} bound)")
     for entry in result.get("monte_carlo", []):
         console.print(f"  Monte Carlo N={entry['pool']!s:>5} K={entry['k']:>3}  {entry['value']:.4f} "
                       f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}] over {entry['n_pools']} pools per query; "
@@ -288,6 +297,7 @@ def audit(
     label_policy: Annotated[str, typer.Option(help="With label-matched: zeros (uncertain -1 and blank labels count as negative), ones (uncertain as positive, blank as negative) or ignore (drop the true report's uncertain and blank observations).")] = "zeros",
     fallback: Annotated[str, typer.Option(help="With label-matched: none (cap small groups) or nearest-label (fill pools by smallest label distance).")] = "none",
     monte_carlo: Annotated[int, typer.Option(min=0, help="Also sample this many explicit pools per query and pool size (count; random negatives), beside the closed form; 0 turns it off. Slow: time grows with queries x pools x N (minutes at 10,000 queries).")] = 0,
+    permutations: Annotated[int, typer.Option(min=0, help="Patient permutations of the test of \"no linkage\" (count; random negatives): p-values for Recall@K and the mean normalised rank. 0 turns it off.")] = 0,
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per 95% interval (count, at least 1).")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Integer seed (0 to 2^32 - 1) of the bootstrap and the Monte Carlo pools.")] = 0,
     device: Annotated[str, typer.Option(help="Torch device for the score matmul: cpu, cuda, cuda:1, ...")] = "cpu",
@@ -313,7 +323,7 @@ def audit(
             direction=_choice(direction, DIRECTIONS, "--direction"), level=_choice(level, LEVELS, "--level"),
             image_level=_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
             ties=_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
-            monte_carlo_pools=monte_carlo, device=_device(device))
+            monte_carlo_pools=monte_carlo, permutations=permutations, device=_device(device))
         _print_audit(result)
         if not result["recall"]:
             err_console.print(Text("warning: no Recall@K entry left: every K is at least its pool size N; "

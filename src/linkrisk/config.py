@@ -157,6 +157,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                                cli=("audit --merge-identical",)),
         "monte_carlo": Key("int", 0, "Explicit pools sampled per query and pool size beside the closed form "
                            "(count; 0: off).", minimum=0, cli=("audit --monte-carlo",)),
+        "permutations": Key("int", 999, "Patient permutations of the test of no linkage, per audit with random "
+                            "negatives (count; 0: off).", minimum=0, cli=("audit --permutations",)),
     },
     "mitigation": {
         "model": Key("str", None, "Model whose heads are retrained (default: the first model)."),

@@ -28,6 +28,7 @@ from typing import Any
 from linkrisk import __version__
 from linkrisk._io import make_private_dirs, write_json, write_text
 from linkrisk._logging import logger, stage
+from linkrisk.audit.verdict import verdict_line
 from linkrisk.config import epsilon_value
 from linkrisk.errors import ConfigError
 from linkrisk.provenance import provenance
@@ -181,7 +182,8 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                 folder, audit["pools"], audit["ks"], n_boot=run["n_boot"], seed=run["seed"], negatives=negatives,
                 label_policy=cohort_table["label_policy"], merge_identical=audit["merge_identical"],
                 ties=audit["ties"], fallback=None if audit["fallback"] == "none" else audit["fallback"].replace("-", "_"),
-                monte_carlo_pools=audit["monte_carlo"] if negatives == "random" else 0, device=run["device"], **view)
+                monte_carlo_pools=audit["monte_carlo"] if negatives == "random" else 0,
+                permutations=audit["permutations"], device=run["device"], **view)
             entry = {**common, **result}
             if view != MAIN_VIEW:
                 entry["view"] = "extra"
@@ -191,6 +193,8 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                                                pairs["patient_id"].astype(str).to_numpy(),
                                                pairs["image_id"].to_numpy(), folder, run["n_boot"], run["seed"],
                                                progress=not run["quiet"]))
+                # NOTE: no attribute oracle here: embed folders carry labels but not the images' views.
+                entry["verdict"] = verdict_line(entry)
             runs.append(entry)
             r1 = {e["pool"]: e["value"] for e in result["recall"] if e["k"] == 1}
             logger.info("audit %s / %s (%s, %s level, %s, %s negatives): Recall@1 %s", model, cohort,

@@ -167,7 +167,7 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
                  negatives: str = "random", label_policy: str = "zeros", *, direction: str = "image_to_report",
                  level: str = "study", image_level: str = "image", merge_identical: bool = False,
                  ties: str = "random", fallback: str | None = None, monte_carlo_pools: int = 0,
-                 device: str = "cpu") -> dict:
+                 permutations: int = 0, device: str = "cpu") -> dict:
     """Audit a saved embeddings folder; see :func:`~linkrisk.audit.run.run_audit` for the options and output.
 
     ``negatives`` accepts ``label-matched`` as a spelling of
@@ -199,4 +199,5 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
                           image_ids=image_ids, report_labels=labels, report_patients=report_patients,
                           direction=direction, level=level, image_level=image_level, merge_identical=merge_identical)
     return run_audit(design, pools, ks, n_boot, seed, ties=ties, negatives=negatives, label_policy=label_policy,
-                     fallback=fallback, monte_carlo_pools=monte_carlo_pools, device=device)
+                     fallback=fallback, monte_carlo_pools=monte_carlo_pools,
+                     permutations=permutations if negatives == "random" else 0, device=device)
