@@ -62,9 +62,10 @@ LogFileOption = Annotated[Optional[Path], typer.Option(
 # The one-line messages after Ctrl-C: what a rerun of the same command reuses.
 INTERRUPTED_NOTHING_KEPT = "interrupted; nothing was written"
 INTERRUPTED_CHUNKS_KEPT = "interrupted; finished cache chunks are kept, so the same command resumes from them"
-INTERRUPTED_POINTS_KEPT = "interrupted; finished epsilon points are kept, so the same command resumes from them"
-INTERRUPTED_CHUNKS_AND_POINTS_KEPT = ("interrupted; finished cache chunks and epsilon points are kept, so the same "
-                                      "command resumes from them")
+INTERRUPTED_POINTS_KEPT = ("interrupted; finished epsilon points and DP training epochs are kept, so the same "
+                           "command resumes from them")
+INTERRUPTED_CHUNKS_AND_POINTS_KEPT = ("interrupted; finished cache chunks, epsilon points and DP training epochs are "
+                                      "kept, so the same command resumes from them")
 
 
 def exit_code_for(err: BaseException) -> int:
