@@ -43,8 +43,8 @@ EXIT_STATUS_HELP = """Exit status:
 1    failure: invalid or unreadable input data, a missing file or folder,
      an I/O error such as a full disk, or a run that failed
 2    usage error: an invalid option value or config entry, or an unknown option
-130  interrupted (Ctrl-C); finished cache chunks and epsilon points are kept,
-     so the same command resumes from them"""
+130  interrupted (Ctrl-C); finished cache chunks, epsilon points and DP
+     training epochs are kept, so the same command resumes from them"""
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, epilog=EXIT_STATUS_HELP,
                   help="Measure and reduce image-to-report re-linkage risk in vision-language embeddings.")
