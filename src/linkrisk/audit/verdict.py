@@ -29,8 +29,9 @@ def verdict_line(run: dict) -> str | None:
     """Return the verdict of one audit entry, or None when it has neither a permutation test nor upper bounds.
 
     Example: "linkage above chance (permutation p = 0.001 for the mean normalised rank, 0.002 for
-    Recall@1 at N = 100); at most 3.2x chance at N = 100 with 95% confidence; the attribute oracle
-    reaches 40% of the model's Recall@1 there."
+    Recall@1 at N = 100); at most 3.2x chance (Recall@1 at most 3.2%) at N = 100 with 95% confidence;
+    an attacker using only view, labels reaches 40% of the model's Recall@1 there". A figure counts as
+    above chance when either p-value is at most 0.05.
     """
     pool = _headline_pool(run)
     where = f"N = {pool}" if pool != "full" else "the full pool"
