@@ -21,7 +21,8 @@ from typing import Any
 from linkrisk.errors import ConfigError
 
 
-def _choice(value: str, valid: Sequence[str], option: str) -> str:
+def normalise_choice(value: str, valid: Sequence[str], option: str) -> str:
+    """Accept hyphens or underscores; return the underscore spelling, or raise ConfigError naming the valid values."""
     normal = str(value).strip().lower().replace("-", "_")
     if normal not in valid:
         raise ConfigError(f"invalid {option} {value!r}; valid values: {', '.join(v.replace('_', '-') for v in valid)}")
@@ -57,14 +58,14 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
         raise ConfigError(f"invalid permutations {permutations!r}; use 0 (off) or a positive number of permutations")
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
         raise ConfigError(f"invalid n_boot {n_boot!r}; use a positive number of resamples")
-    fallback_choice = _choice(fallback, ("none", "nearest_label"), "fallback")
+    fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "fallback")
     return audit_folder(
         str(embeddings) if str(embeddings).startswith("manifest:") else Path(embeddings), list(pools), list(ks),
-        n_boot=n_boot, seed=seed, negatives=_choice(negatives, NEGATIVES, "negatives"),
-        label_policy=_choice(label_policy, LABEL_POLICIES, "label_policy"),
-        direction=_choice(direction, DIRECTIONS, "direction"), level=_choice(level, LEVELS, "level"),
-        image_level=_choice(image_level, IMAGE_LEVELS, "image_level"), merge_identical=merge_identical,
-        ties=_choice(ties, TIE_RULES, "ties"), fallback=None if fallback_choice == "none" else fallback_choice,
+        n_boot=n_boot, seed=seed, negatives=normalise_choice(negatives, NEGATIVES, "negatives"),
+        label_policy=normalise_choice(label_policy, LABEL_POLICIES, "label_policy"),
+        direction=normalise_choice(direction, DIRECTIONS, "direction"), level=normalise_choice(level, LEVELS, "level"),
+        image_level=normalise_choice(image_level, IMAGE_LEVELS, "image_level"), merge_identical=merge_identical,
+        ties=normalise_choice(ties, TIE_RULES, "ties"), fallback=None if fallback_choice == "none" else fallback_choice,
         monte_carlo_pools=monte_carlo, permutations=permutations, device=device)
 
 
@@ -128,8 +129,8 @@ def mitigate(train: str | Path, public: str | Path, out: str | Path, target: Seq
     from linkrisk.mitigate.run import run_mitigation
 
     config = DPConfig(delta=delta, epochs=epochs, batch_size=batch_size, sample_rate=sample_rate,
-                      max_grad_norm=max_grad_norm, lr=lr, loss=_choice(loss, LOSSES, "loss"),
-                      init=_choice(init, INITS, "init"), noise_seed=dp_noise_seed, secure_mode=secure_mode, seed=seed)
+                      max_grad_norm=max_grad_norm, lr=lr, loss=normalise_choice(loss, LOSSES, "loss"),
+                      init=normalise_choice(init, INITS, "init"), noise_seed=dp_noise_seed, secure_mode=secure_mode, seed=seed)
     parsed = [_epsilon(value) for value in epsilons]
     for value in parsed:
         dataclasses.replace(config, epsilon=value).validate()
@@ -179,8 +180,11 @@ def demo(data: str | Path, out: str | Path = "runs/demo", **options: Any) -> dic
 
     raw: dict[str, dict[str, Any]] = {"run": {"out": str(out)}, "demo": {"data": str(data)}}
     for key, value in options.items():
-        section = "demo" if key in SCHEMA["demo"] else "run" if key in SCHEMA["run"] else None
-        if section is None:
+        if key in SCHEMA["demo"]:
+            section = "demo"
+        elif key in SCHEMA["run"]:
+            section = "run"
+        else:
             raise ConfigError(f"unknown demo option {key!r}; valid options: "
                               f"{', '.join([*SCHEMA['demo'], *SCHEMA['run']])}")
         if isinstance(value, Path):

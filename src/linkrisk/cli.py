@@ -31,6 +31,7 @@ from rich.text import Text
 
 from linkrisk import __version__
 from linkrisk._logging import configure_logging, log_to_file
+from linkrisk.api import normalise_choice
 from linkrisk.errors import ConfigError, InputError, LinkriskError
 
 EXIT_OK = 0
@@ -191,7 +192,7 @@ def demo(
 
         validate_privacy_target(epsilon, delta)
         _check_secure_mode(secure_mode)
-        image_encoder = _choice(image_encoder, tuple(IMAGE_ENCODERS), "--image-encoder")
+        image_encoder = normalise_choice(image_encoder, tuple(IMAGE_ENCODERS), "--image-encoder")
         data_dir = data or Path(os.environ.get(DATA_ENV, "../shared/data"))
         if not data_dir.is_dir():
             raise InputError(f"data folder {data_dir} not found; pass --data or set {DATA_ENV}")
@@ -216,14 +217,6 @@ def _check_secure_mode(secure_mode: bool) -> None:
 def _check_folder(path: Path, option: str, what: str) -> None:
     if not path.is_dir():
         raise InputError(f"{option} {path}: folder not found; pass {what}")
-
-
-def _choice(value: str, valid: tuple[str, ...], option: str) -> str:
-    """Accept hyphens or underscores; return the underscore spelling or fail naming the valid values."""
-    normal = value.strip().lower().replace("-", "_")
-    if normal not in valid:
-        raise ConfigError(f"invalid {option} {value!r}; valid values: {', '.join(v.replace('_', '-') for v in valid)}")
-    return normal
 
 
 def _device(text: str) -> str:
@@ -316,14 +309,15 @@ def audit(
         from linkrisk.audit.recall import TIE_RULES
         from linkrisk.audit.run import NEGATIVES
 
-        fallback_choice = _choice(fallback, ("none", "nearest_label"), "--fallback")
+        fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "--fallback")
         result = audit_folder(
             embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
-            negatives=_choice(negatives, NEGATIVES, "--negatives"),
-            label_policy=_choice(label_policy, LABEL_POLICIES, "--label-policy"),
-            direction=_choice(direction, DIRECTIONS, "--direction"), level=_choice(level, LEVELS, "--level"),
-            image_level=_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
-            ties=_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
+            negatives=normalise_choice(negatives, NEGATIVES, "--negatives"),
+            label_policy=normalise_choice(label_policy, LABEL_POLICIES, "--label-policy"),
+            direction=normalise_choice(direction, DIRECTIONS, "--direction"),
+            level=normalise_choice(level, LEVELS, "--level"),
+            image_level=normalise_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
+            ties=normalise_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
             monte_carlo_pools=monte_carlo, permutations=permutations, device=_device(device))
         _print_audit(result)
         if not result["recall"]:
@@ -373,7 +367,7 @@ def embed(
                               "choose an --out outside it")
         config = EmbedConfig(batch_size=batch_size, text_batch_size=text_batch_size, chunk_size=chunk_size,
                              workers=workers, device=_device(device), fast_decode=fast_decode,
-                             precision=_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
+                             precision=normalise_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
         cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
         adapter = load_adapter(model, weights, allow_download=allow_download)
         weights_path = getattr(adapter, "weights_path", weights)
@@ -451,8 +445,8 @@ def mitigate(
         from linkrisk.mitigate.run import run_mitigation
 
         config = DPConfig(delta=delta, epochs=epochs, batch_size=batch_size, sample_rate=sample_rate,
-                          max_grad_norm=max_grad_norm, lr=lr, loss=_choice(loss, LOSSES, "--loss"),
-                          init=_choice(init, INITS, "--init"), noise_seed=dp_noise_seed, secure_mode=secure_mode,
+                          max_grad_norm=max_grad_norm, lr=lr, loss=normalise_choice(loss, LOSSES, "--loss"),
+                          init=normalise_choice(init, INITS, "--init"), noise_seed=dp_noise_seed, secure_mode=secure_mode,
                           seed=seed)
         parsed = _parse_epsilons(epsilons)
         for value in parsed:

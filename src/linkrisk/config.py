@@ -3,7 +3,7 @@
 A configuration has either a ``[demo]`` table (the end-to-end demo on the
 shared COVID-19 and Open-i data) or ``[[cohorts]]`` and ``[[models]]``
 tables (embed each cohort with each model, then audit, mitigate and probe).
-``[run]`` holds what both kinds share (output folder, seed, bootstrap size,
+``[run]`` contains what both kinds share (output folder, seed, bootstrap size,
 device, logging). :data:`SCHEMA` lists every key with its type, default,
 allowed values and help text; :func:`load_config` checks a file against it
 and returns the resolved configuration (defaults filled in, relative paths
@@ -478,8 +478,12 @@ def reference_markdown() -> str:
         lines += [f"## `{header}`", "", "| key | type | default | allowed | CLI option | meaning |",
                   "|---|---|---|---|---|---|"]
         for name, key in keys.items():
-            default = "required" if key.default is _REQUIRED else "unset" if key.default is None else \
-                f"`{_toml_value(key.default)}`"
+            if key.default is _REQUIRED:
+                default = "required"
+            elif key.default is None:
+                default = "unset"
+            else:
+                default = f"`{_toml_value(key.default)}`"
             allowed = ", ".join(key.choices) if key.choices else _bounds(key)
             options = ", ".join(f"`{option}`" for option in key.cli)
             lines.append(f"| `{name}` | {key.kind} | {default} | {allowed} | {options} | {key.help} |")

@@ -183,7 +183,7 @@ def _probe(name: str, heads_name: str, heads: DualHeads, train: Features, test: 
 def run_demo(config: DemoConfig, extra: dict | None = None) -> dict:
     """Run every stage on the real cohorts under ``config.data_dir``; return the results dict.
 
-    ``extra`` holds more top-level fields for ``results.json`` (a configuration run adds its
+    ``extra`` contains more top-level fields for ``results.json`` (a configuration run adds its
     resolved configuration and provenance).
     """
     started = datetime.datetime.now(datetime.timezone.utc)

@@ -162,7 +162,7 @@ MAIN_VIEW = {"direction": "image_to_report", "level": "study", "image_level": "i
 
 def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, Any], config: dict[str, Any],
                out: Path) -> list[dict[str, Any]]:
-    """Audit one embed folder under every view and kind of negatives the configuration asks for."""
+    """Audit one embed folder under every view and kind of negatives the configuration requests."""
     from linkrisk.audit.embeddings import audit_folder, load_embeddings
     from linkrisk.audit.extras import main_audit_extras
     from linkrisk.models.precomputed import load_feature_cohort
