@@ -198,3 +198,123 @@ def test_oracle_links_covid_above_chance(covid, data_dir):
                        f"(chance {chance:.4f}, lift {value / chance:.2f})")
             assert np.isfinite(value), message
             assert value > chance, message
+
+
+def _metadata_cohort():
+    """The tied cohort with per-image attributes that have gaps: an ``unknown`` view and a missing size band.
+
+    Each image has its own true report, and reports 5 and 7 have no image,
+    so every image column is missing for them.
+    """
+    queries, candidates, true_unit, _, patients = _tied_cohort()
+    images = pd.DataFrame({
+        "view": ["PA", "PA", "AP", "PA", "unknown", "PA", "AP"],
+        "size_band": pd.array([17, 17, 17, None, 18, 17, 17], dtype="Int64"),
+        "file_format": ["JPEG", "JPEG", "PNG", "JPEG", "JPEG", "JPEG", "PNG"],
+    })
+    return queries, candidates, true_unit, patients, images
+
+
+def _agreed_brute(values: list, members: list[int]):
+    present = [values[m] for m in members]
+    if not present or any(v is None or pd.isna(v) or v == "unknown" for v in present) or len(set(present)) != 1:
+        return None
+    return present[0]
+
+
+def test_metadata_matched_pools_match_enumeration():
+    from linkrisk.audit.attributes import audit_attributes, design_attribute_codes
+    from linkrisk.audit.design import build_design
+
+    queries, candidates, true_unit, patients, images = _metadata_cohort()
+    design = build_design(queries, candidates, true_unit, patients)
+    columns = ["view", "size_band", "file_format"]
+    query_codes, unit_codes, facts = design_attribute_codes(design, images, true_unit, columns)
+    # Units 5 and 7 have no image; unit 8 has an "unknown" view; unit 4's image lacks a size band.
+    assert facts["missing_share"]["view"] == pytest.approx(3 / 9)
+    assert facts["missing_share"]["size_band"] == pytest.approx(3 / 9)
+
+    unit_values = {}
+    for u in range(len(candidates)):
+        members = [i for i in range(len(queries)) if true_unit[i] == u]
+        unit_values[u] = tuple(_agreed_brute(images[c].astype(object).tolist(), members) for c in columns)
+    complete = {u for u, values in unit_values.items() if all(v is not None for v in values)}
+    kept = [q for q in range(len(queries)) if true_unit[q] in complete]
+    scores = queries.astype(np.float64) @ candidates.T.astype(np.float64)
+
+    result = audit_attributes(design, query_codes, unit_codes, facts, [2, 3, "full"], [1, 2], n_boot=20)
+    matched = result["attribute_matched"]
+    assert matched["n_queries"] == len(kept)
+    assert matched["n_candidates_with_missing"] == len(candidates) - len(complete)
+    for entry in matched["recall"]:
+        brute = []
+        for q in kept:
+            t = int(true_unit[q])
+            members = [u for u in complete if unit_values[u] == unit_values[t]]
+            size = len(members) if entry["pool"] == "full" else entry["pool"]
+            brute.append(_enumerate(scores[q], t, members, size, entry["k"])["random"])
+        assert entry["value"] == pytest.approx(np.mean(brute), abs=1e-12), entry
+
+
+def test_metadata_oracle_matches_enumeration():
+    from linkrisk.audit.attributes import audit_attributes, design_attribute_codes
+    from linkrisk.audit.design import build_design
+
+    queries, candidates, true_unit, patients, images = _metadata_cohort()
+    design = build_design(queries, candidates, true_unit, patients)
+    columns = ["view", "size_band", "file_format"]
+    query_codes, unit_codes, facts = design_attribute_codes(design, images, true_unit, columns)
+    result = audit_attributes(design, query_codes, unit_codes, facts, [3, "full"], [1], n_boot=20, matched=False)
+    assert "attribute_matched" not in result
+
+    brute = []
+    for q in range(len(queries)):
+        own = [images[c].astype(object).iloc[q] for c in columns]
+        own = [None if v is None or pd.isna(v) or v == "unknown" else v for v in own]
+        oracle_scores = []
+        for u in range(len(candidates)):
+            members = [i for i in range(len(queries)) if true_unit[i] == u]
+            values = [_agreed_brute(images[c].astype(object).tolist(), members) for c in columns]
+            oracle_scores.append(sum(a is not None and a == b for a, b in zip(own, values)))
+        brute.append(_enumerate(np.array(oracle_scores, dtype=float), int(true_unit[q]),
+                                list(range(len(candidates))), 3, 1)["random"])
+    entry = next(e for e in result["attribute_oracle"]["recall"] if e["pool"] == 3)
+    assert entry["value"] == pytest.approx(np.mean(brute), abs=1e-12)
+    comparison = next(e for e in result["oracle_comparison"] if e["pool"] == 3)
+    assert comparison["oracle"] == pytest.approx(entry["value"])
+    assert comparison["excess"] == pytest.approx(comparison["model"] - comparison["oracle"])
+
+
+def test_unknown_attribute_lists_available():
+    from linkrisk.audit.attributes import design_attribute_codes
+    from linkrisk.audit.design import build_design
+
+    queries, candidates, true_unit, patients, images = _metadata_cohort()
+    design = build_design(queries, candidates, true_unit, patients)
+    with pytest.raises(ConfigError, match="unknown attribute column 'sex'; available here: file_format, labels"):
+        design_attribute_codes(design, images, true_unit, ["sex"])
+    with pytest.raises(ConfigError, match="needs one label vector per candidate unit"):
+        design_attribute_codes(design, images, true_unit, ["labels"])
+    reverse = build_design(queries, candidates, true_unit, patients, direction="report_to_image")
+    with pytest.raises(ConfigError, match="image-to-report"):
+        design_attribute_codes(reverse, images, true_unit, ["view"])
+
+
+def test_matched_ranks_within_group():
+    queries, candidates, true_unit, unit_codes, patients = _tied_cohort()
+    result = audit_attribute_matched(queries, candidates, true_unit, patients, unit_codes, ["full"], [1], n_boot=20)
+    scores = queries.astype(np.float64) @ candidates.T.astype(np.float64)
+    complete = (unit_codes != -1).all(axis=1)
+    ranks = []
+    for q in range(len(queries)):
+        t = true_unit[q]
+        if not complete[t]:
+            continue
+        members = [u for u in range(len(candidates)) if complete[u] and (unit_codes[u] == unit_codes[t]).all()]
+        others = [u for u in members if u != t]
+        above = sum(scores[q, u] > scores[q, t] for u in others)
+        equal = sum(scores[q, u] == scores[q, t] for u in others)
+        ranks.append((above + equal / 2) / len(others))
+    assert result["mean_normalised_rank"]["value"] == pytest.approx(np.mean(ranks))
+    assert result["linkage_auc"]["value"] == pytest.approx(1 - np.mean(ranks))
+    assert result["rank_scope"] == "matched group"

@@ -269,3 +269,87 @@ def test_sweep_frontier_and_refit_in_outputs(demo_run):
     assert "held-out patients" in html
     assert html.count("data:image/png;base64,") >= 7
     assert (out / "models" / "sweep" / "eps-0.34" / "heads.safetensors").is_file()
+
+
+def test_split_audit_in_results(demo_run, covid):
+    _, results = demo_run
+    [entry] = results["split_audit"]
+    assert entry["cohort"] == "covid"
+    assert [split["split"] for split in entry["splits"]] == ["patient", "source"]
+    for split in entry["splits"]:
+        assert split["n_train_images"] + split["n_test_images"] == covid.n_images
+        assert split["n_train_patients"] + split["n_test_patients"] == covid.n_patients
+        audit = split["audit"]
+        assert audit["n_queries"] == split["n_test_images"]
+        full = next(e for e in audit["recall"] if e["pool"] == "full" and e["k"] == 1)
+        assert full["lift"] == pytest.approx(full["value"] / full["chance"])
+        assert len(full["lift_ci95"]) == 2
+        assert 0 < audit["permutation_test"]["mean_normalised_rank"]["p_value"] <= 1
+    source = entry["splits"][1]
+    assert source["n_shared_sources"] == 0
+
+
+def test_every_audit_block_has_rank_statistics(demo_run):
+    _, results = demo_run
+    for run in results["runs"]:
+        for block in (run, *(run[key] for key in ("attribute_matched", "attribute_oracle", "file_metadata_oracle")
+                             if key in run)):
+            rank, auc = block["mean_normalised_rank"], block["linkage_auc"]
+            assert rank["chance"] == auc["chance"] == 0.5
+            assert auc["value"] == pytest.approx(1 - rank["value"])
+            assert auc["ci95"] == pytest.approx([1 - rank["ci95"][1], 1 - rank["ci95"][0]])
+        if run["negatives"] == "random" and "view" not in run:
+            assert run["full_pool"]["mean_normalised_rank"] == pytest.approx(run["mean_normalised_rank"]["value"])
+
+
+def test_main_audits_carry_power_and_oracles(demo_run):
+    _, results = demo_run
+    mains = [r for r in results["runs"] if r["negatives"] == "random" and "view" not in r]
+    assert len(mains) == 6
+    for run in mains:
+        lifts = {(e["pool"], e["lift"]) for e in run["power"]}
+        assert {(10, 2.0), (10, 5.0), ("full", 2.0), ("full", 5.0)} <= lifts
+        for entry in run["power"]:
+            assert 0 <= entry["power_at_patients"] <= entry["power_at_queries"] <= 1
+            assert entry["n_queries"] == run["n_queries"]
+        assert run["file_metadata_oracle"]["attributes"] == ["file_format", "pil_mode", "size_band", "aspect_band"]
+        assert run["file_metadata_comparison"]
+    covid = next(r for r in mains if r["cohort"] == "covid_test" and r["heads"] == "original")
+    assert covid["attribute_oracle"]["attributes"] == ["view", "sex", "age_band", "labels"]
+    assert covid["attribute_matched"]["attributes"] == ["view", "sex", "age_band", "labels"]
+    openi = next(r for r in mains if r["cohort"] == "openi" and r["heads"] == "original")
+    assert openi["attribute_oracle"]["attributes_missing"] == ["sex", "age_band"]
+    # Open-i reports without images have no view, so the verdict leaves the oracle out there.
+    assert openi["attribute_oracle"]["missing_share"]["view"] > 0.9
+    assert "attacker" not in (openi["verdict"] or "")
+
+
+def test_demo_folders_audit_with_match(demo_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from linkrisk.cli import app
+
+    out, _ = demo_run
+    folder = out / "embeddings" / "covid_test" / "original"
+    images = pd.read_parquet(folder / "images.parquet")
+    assert {"view", "sex", "age_band", "site", "source", "file_bytes", "size_band"} <= set(images.columns)
+    path = tmp_path / "audit.json"
+    result = CliRunner().invoke(app, ["audit", str(folder), "--match", "view,sex,size_band", "--pools", "10,full",
+                                      "--ks", "1", "--n-boot", "50", "--json", str(path), "--quiet"])
+    assert result.exit_code == 0, result.output
+    audit = json.loads(path.read_text())
+    matched = audit["attribute_matched"]
+    assert matched["attributes"] == ["view", "sex", "size_band"]
+    assert matched["n_queries"] + matched["n_queries_with_missing"] == audit["n_queries"]
+    assert matched["n_queries_with_missing"] > 0
+    for entry in matched["recall"]:
+        assert entry["effective_pool"]["max"] <= (10 if entry["pool"] == 10 else matched["n_candidates"])
+    assert [e["pool"] for e in audit["oracle_comparison"]] == [10, "full"]
+
+
+def test_report_shows_evidence_and_splits(demo_run):
+    out, _ = demo_run
+    html = (out / "report.html").read_text()
+    assert '<section id="evidence">' in html
+    assert '<section id="splits">' in html
+    assert "source-disjoint" in html

@@ -565,3 +565,49 @@ def test_fast_decode_is_close_and_keyed_apart(reference, covid, tmp_path):
     assert np.median(cosine) > 0.999
     assert cosine.min() > 0.95
     assert not np.array_equal(a, b)
+
+
+def test_images_table_carries_attributes(reference_run, covid):
+    out, _ = reference_run
+    images = pd.read_parquet(out / "images.parquet")
+    assert images["image_id"].tolist() == covid.images["image_id"].tolist()
+    assert {"view", "sex", "age_band", "site", "source", "file_bytes", "width", "height", "aspect_ratio",
+            "pil_mode", "file_format", "size_band", "aspect_band"} <= set(images.columns)
+    assert images["file_bytes"].notna().all()
+
+
+def test_cli_match_on_embed_folder(reference_run, tmp_path):
+    from typer.testing import CliRunner
+
+    from linkrisk.cli import app
+
+    out, _ = reference_run
+    path = tmp_path / "audit.json"
+    result = CliRunner().invoke(app, ["audit", str(out), "--match", "view,sex,labels,file_format", "--pools",
+                                      "10,100,full", "--ks", "1,5", "--n-boot", "50", "--json", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "attribute-matched pools on view, sex, labels, file_format" in result.output
+    audit = json.loads(path.read_text())
+    assert audit["attribute_oracle"]["attributes"] == ["view", "sex", "labels", "file_format"]
+    assert audit["attribute_matched"]["n_candidates_with_missing"] > 0
+    pools = {(e["pool"], e["k"]) for e in audit["attribute_matched"]["recall"]}
+    assert (10, 1) in pools and ("full", 5) in pools
+    for entry in audit["oracle_comparison"]:
+        assert entry["excess"] == pytest.approx(entry["model"] - entry["oracle"])
+
+
+def test_old_folder_without_attributes_still_audits(reference_run, tmp_path, caplog):
+    from linkrisk.audit.extras import folder_oracle_audits
+
+    out, _ = reference_run
+    old = tmp_path / "old"
+    shutil.copytree(out, old, ignore=shutil.ignore_patterns("cache"))
+    ids = pd.read_parquet(old / "images.parquet")[["image_id", "study_id", "patient_id", "report_id"]]
+    ids.to_parquet(old / "images.parquet", index=False)
+    with caplog.at_level("INFO", logger="linkrisk"):
+        result = folder_oracle_audits(old, [10, "full"], [1], n_boot=20, seed=0)
+    assert result["attribute_oracle"]["attributes"] == ["labels"]
+    assert result["attribute_oracle"]["attributes_missing"] == ["view", "sex", "age_band"]
+    assert "file_metadata_oracle" not in result
+    assert "images.parquet" in result["file_metadata_oracle_skipped"]
+    assert "file-metadata oracle skipped" in caplog.text

@@ -17,8 +17,8 @@ from linkrisk.report import load_results, rebuild_report, render_report, write_h
 from linkrisk.report.format import fmt_epsilon, fmt_lift, fmt_pct, fmt_pool, fmt_sci
 
 DATA_URL = re.compile(r"data:image/png;base64,([A-Za-z0-9+/=]+)")
-SECTION_IDS = ("plain-words", "summary", "recall-by-pool", "negatives", "views", "assignment", "frontier", "refit",
-               "probes", "risk", "methods")
+SECTION_IDS = ("plain-words", "summary", "recall-by-pool", "negatives", "views", "evidence", "splits", "assignment",
+               "frontier", "refit", "probes", "risk", "methods")
 
 
 def _entry(pool, k, value, ci, chance, **extra) -> dict:
@@ -59,6 +59,47 @@ def _plot_fields(value: float, n_candidates: int = 500) -> dict:
                            "counts": [30.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0, 10.0][:10],
                            "n_queries": 120, "n_candidates": n_candidates, "tie_rule": "random"},
     }
+
+
+def _rank_fields(mean_rank: float) -> dict:
+    return {"mean_normalised_rank": {"value": mean_rank, "ci95": [mean_rank - 0.05, mean_rank + 0.05], "chance": 0.5},
+            "linkage_auc": {"value": 1 - mean_rank, "ci95": [0.95 - mean_rank, 1.05 - mean_rank], "chance": 0.5},
+            "n_queries_ranked": 120}
+
+
+def _evidence_fields() -> dict:
+    """Permutation test, bounds, power and both oracles of a main run, with Recall@1 0.4 at N = 100."""
+    comparison = [{"pool": 100, "k": 1, "chance": 0.01, "model": 0.4, "oracle": 0.1, "excess": 0.3,
+                   "excess_ci95": [0.2, 0.4], "ratio": 4.0, "ratio_ci95": [3.0, 5.0]}]
+    return {
+        **_rank_fields(0.3),
+        "permutation_test": {"n_permutations": 999, "mean_normalised_rank": {"p_value": 0.0004},
+                             "recall": [{"pool": 100, "k": 1, "p_value": 0.0123}]},
+        "upper_bounds": [{"pool": 100, "k": 1, "level": 0.95, "upper": 0.47, "lift_upper": 47.0}],
+        "power": [{"pool": 100, "k": 1, "lift": 2.0, "power_at_queries": 0.31, "power_at_patients": 0.17,
+                   "required_queries": 905},
+                  {"pool": 100, "k": 1, "lift": 5.0, "power_at_queries": 0.86, "power_at_patients": 0.61,
+                   "required_queries": 110}],
+        "attribute_oracle": {"attributes": ["view", "sex", "labels"], "missing_share": {"view": 0.0},
+                             **_rank_fields(0.45)},
+        "oracle_comparison": comparison,
+        "file_metadata_oracle": {"attributes": ["file_format", "size_band"], "missing_share": {"file_format": 0.9}},
+        "file_metadata_comparison": comparison,
+        "attribute_matched": {"attributes": ["view", "sex"], **_rank_fields(0.41)},
+    }
+
+
+def _split_audit() -> list[dict]:
+    def split(kind: str, value: float) -> dict:
+        audit = {"n_candidates": 80, "recall": [_entry(10, 1, value, (value - 0.05, value + 0.05), 0.1),
+                                                _entry("full", 1, value / 4, (0.0, value / 2), 1 / 80)],
+                 "permutation_test": {"mean_normalised_rank": {"p_value": 0.02}}, **_rank_fields(0.44)}
+        return {"split": kind, "n_train_images": 260, "n_test_images": 90, "n_train_patients": 150,
+                "n_test_patients": 40, "n_train_sources": 40, "n_test_sources": 20,
+                "n_shared_sources": 10 if kind == "patient" else 0, "audit": audit}
+
+    return [{"cohort": "cohort_a", "group_column": "source", "splits": [split("patient", 0.16),
+                                                                          split("source", 0.13)]}]
 
 
 def _matched_run(cohort: str, heads: str, value: float) -> dict:
@@ -109,7 +150,7 @@ def _sweep_target(cohort: str, value: float) -> dict:
 def full_results() -> dict:
     """A results dict with every section: two heads on one cohort, views, probes, sweep, refit and mitigation."""
     runs = [
-        {**_main_run("cohort_a", "original", 0.4), **_plot_fields(0.4)},
+        {**_main_run("cohort_a", "original", 0.4), **_plot_fields(0.4), **_evidence_fields()},
         _matched_run("cohort_a", "original", 0.3),
         _view_run("cohort_a", "original"),
         {**_main_run("cohort_a", "dp", 0.02), **_plot_fields(0.02)},
@@ -127,6 +168,7 @@ def full_results() -> dict:
                   "points": [{"epsilon": 1.0, "dp": _dp_record(1.0), "targets": [_sweep_target("cohort_a", 0.05)]},
                              {"epsilon": "inf", "dp": _dp_record(math.inf, formal=False),
                               "targets": [_sweep_target("cohort_a", 0.3)]}]},
+        "split_audit": _split_audit(),
         "refit": [{"target": "cohort_a", "aux": "cohort_b", "threat_model": "frozen encoders plus pairs",
                    "methods": ["ridge"], "ks": [50, "all"], "repeats": 3,
                    "table": [{"method": "ridge", "k": 50, "n_aux_pairs": 50, "pool": 100, "value": 0.1,

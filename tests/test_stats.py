@@ -271,3 +271,19 @@ def test_power_input_errors():
         required_queries(2.0, 5, 5)
     with pytest.raises(ConfigError, match="power method"):
         required_queries(2.0, 10, 1, method="bayes")
+
+
+def test_power_table_fields():
+    from linkrisk.audit.stats import binomial_power, power_table, required_queries
+
+    table = power_table(81, 48, [(10, 10), (100, 100), ("full", 64)])
+    assert {(e["pool"], e["lift"]) for e in table} == {(10, 2.0), (10, 5.0), (100, 2.0), (100, 5.0),
+                                                       ("full", 2.0), ("full", 5.0)}
+    entry = next(e for e in table if e["pool"] == 100 and e["lift"] == 2.0)
+    assert entry["power_at_queries"] == pytest.approx(float(binomial_power(81, 0.01, 0.02)))
+    assert entry["power_at_patients"] == pytest.approx(float(binomial_power(48, 0.01, 0.02)))
+    assert entry["power_at_patients"] < entry["power_at_queries"] < 0.8
+    assert entry["required_queries"] == required_queries(2.0, 100, 1)
+    assert float(binomial_power(entry["required_queries"], 0.01, 0.02)) >= 0.8
+    # A lift above N / K is impossible and left out.
+    assert power_table(10, 10, [(2, 2)], lifts=(5.0,)) == []

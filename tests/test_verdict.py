@@ -22,7 +22,7 @@ def _run(rank_p: float, recall_p: float, lift_upper: float | None, oracle: float
         run["upper_bounds"] = [{"pool": 100, "k": 1, "upper": lift_upper / 100, "lift_upper": lift_upper,
                                 "level": 0.95}]
     if oracle is not None:
-        run["oracle_comparison"] = [{"pool": 100, "k": 1, "model": 0.2, "oracle": oracle}]
+        run["oracle_comparison"] = [{"pool": 100, "k": 1, "model": 0.2, "oracle": oracle, "chance": 0.01}]
         run["attribute_oracle"] = {"attributes": ["view", "labels"]}
     return run
 
@@ -32,13 +32,22 @@ def test_verdict_above_chance_with_bound_and_oracle():
     assert line.startswith("linkage above chance (permutation p = 0.001 for the mean normalised rank, 0.002 for "
                            "Recall@1 at N = 100)")
     assert "at most 12.5x chance (Recall@1 at most 12.5%) at N = 100 with 95% confidence" in line
-    assert line.endswith("an attacker using only view, labels reaches 25% of the model's Recall@1 there")
+    assert "an attacker using only view, labels reaches 25% of the model's Recall@1 there" in line
+    # (0.05 - 0.01) / (0.2 - 0.01) of the linkage above chance.
+    assert line.endswith("21% of the linkage above chance is explained by attributes")
 
 
 def test_verdict_no_linkage_and_oracle_ahead():
     line = verdict_line(_run(0.4, 0.6, 3.0, 0.3))
     assert line.startswith("no linkage shown above chance (permutation p = 0.400")
-    assert line.endswith("links at least as well as the model there")
+    assert line.endswith("links at least as well as the model there; all of the linkage above chance may be "
+                         "explained by attributes")
+
+
+def test_verdict_leaves_out_mostly_missing_oracle():
+    run = _run(0.001, 0.002, 12.5, 0.05)
+    run["attribute_oracle"]["missing_share"] = {"view": 0.99, "labels": 0.0}
+    assert "attacker" not in verdict_line(run)
 
 
 def test_verdict_full_pool_without_test():
@@ -93,7 +102,8 @@ def test_demo_runs_carry_verdicts(demo_run):
         assert run["verdict"], (run["cohort"], run["heads"])
         assert run["permutation_test"]["n_permutations"] == 999
         assert run["upper_bounds"]
-        assert run["attribute_oracle"]["attributes"] == ["view", "labels"]
+        expected = ["view", "labels"] if run["cohort"] == "openi" else ["view", "sex", "age_band", "labels"]
+        assert run["attribute_oracle"]["attributes"] == expected
         assert run["oracle_comparison"]
     train = next(run for run in main if run["cohort"] == "covid_train" and run["heads"] == "original")
     assert train["permutation_test"]["mean_normalised_rank"]["p_value"] <= 0.01

@@ -8,7 +8,9 @@ Stages, in order, each logged when it starts and ends:
 4. fit the original heads (InfoNCE) on COVID train;
 5. train DP heads on COVID train, with Open-i as the public cohort;
 6. audit image-to-report linkage with both heads on COVID test, COVID
-   train and Open-i (external, no retraining);
+   train and Open-i (external, no retraining), then refit the heads on a
+   patient-disjoint and a source-disjoint split of COVID and audit each
+   held-out part;
 7. probe utility (macro AUROC) with both heads;
 8. write ``results.json``, the embeddings and ``report.html``.
 """
@@ -27,12 +29,13 @@ import pandas as pd
 from linkrisk import __version__
 from linkrisk._io import write_json, write_npy, atomic_write
 from linkrisk._logging import logger, stage
-from linkrisk.audit.attributes import cohort_attribute_codes
 from linkrisk.audit.design import AuditDesign, build_design
-from linkrisk.audit.extras import main_audit_extras
+from linkrisk.audit.extras import main_audit_extras, oracle_audits
 from linkrisk.audit.run import run_audit, run_audits
+from linkrisk.audit.splits import split_audits
 from linkrisk.audit.verdict import verdict_line
 from linkrisk.data import PairedCohort, load_covid, load_openi, split_by_patient
+from linkrisk.data.file_metadata import image_attribute_table
 from linkrisk.errors import InputError
 from linkrisk.mitigate import DPConfig, train_dp_heads
 from linkrisk.mitigate.run import refit_on_targets
@@ -105,7 +108,8 @@ def _encode(cohort: PairedCohort, image_encoder, text_encoder, cache_dir: Path, 
     return Features(cohort, image, report)
 
 
-def _save_embeddings(folder: Path, features: Features, image_emb: np.ndarray, report_emb: np.ndarray) -> None:
+def _save_embeddings(folder: Path, features: Features, image_emb: np.ndarray, report_emb: np.ndarray,
+                     attributes: pd.DataFrame) -> None:
     write_npy(folder / "image.npy", image_emb.astype(np.float32))
     write_npy(folder / "report.npy", report_emb.astype(np.float32))
     pairs = pd.DataFrame({"image_id": features.cohort.images["image_id"].values,
@@ -114,6 +118,9 @@ def _save_embeddings(folder: Path, features: Features, image_emb: np.ndarray, re
     atomic_write(folder / "pairs.parquet", lambda tmp: pairs.to_parquet(tmp, index=False))
     reports = features.cohort.reports[["report_id", *features.cohort.label_names]]
     atomic_write(folder / "reports.parquet", lambda tmp: reports.to_parquet(tmp, index=False))
+    images = pd.concat([features.cohort.images[["image_id", "study_id", "patient_id", "report_id"]]
+                        .reset_index(drop=True), attributes], axis=1)
+    atomic_write(folder / "images.parquet", lambda tmp: images.to_parquet(tmp, index=False))
 
 
 def _log_recall_at_1(run: dict, pools_kind: str) -> None:
@@ -134,7 +141,8 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     """Embed one cohort with one pair of heads, save the embeddings, and audit with uniform and label-matched pools."""
     image_emb, report_emb = heads.embed(features.image, features.report)
     folder = config.out_dir / "embeddings" / name / heads_name
-    _save_embeddings(folder, features, image_emb, report_emb)
+    attributes = image_attribute_table(features.cohort.images)
+    _save_embeddings(folder, features, image_emb, report_emb, attributes)
     common = {"cohort": name, "heads": heads_name, "embeddings": str(folder.relative_to(config.out_dir))}
     options = {"pools": list(config.pools), "ks": list(config.ks), "n_boot": config.n_boot, "seed": config.seed}
     has_labels = bool(features.cohort.label_names)
@@ -149,11 +157,11 @@ def _audit(name: str, heads_name: str, heads: DualHeads, features: Features, con
     audits = run_audits(main, **options, negatives=("random", "label_matched") if has_labels else ("random",),
                         label_policy="zeros", permutations=config.permutations)
     result = audits[0]
-    attributes = cohort_attribute_codes(features.cohort.images, features.cohort.reports,
-                                        features.cohort.label_matrix() if has_labels else None, features.report_row)
     extras = main_audit_extras(image_emb, report_emb, features.report_row, features.patient_ids,
                                features.cohort.images["image_id"].to_numpy(), folder, config.n_boot, config.seed,
-                               progress=config.progress, attributes=attributes, pools=config.pools, ks=config.ks)
+                               progress=config.progress, pools=config.pools, ks=config.ks)
+    extras.update(oracle_audits(main, attributes, features.report_row, list(config.pools), list(config.ks),
+                                config.n_boot, config.seed))
     runs = [{**common, **result, **extras}]
     runs[0]["verdict"] = verdict_line(runs[0])
     _log_recall_at_1(runs[-1], "uniform")
@@ -230,6 +238,14 @@ def run_demo(config: DemoConfig, extra: dict | None = None) -> dict:
             for name, features in audited.items():
                 runs.extend(_audit(name, heads_name, heads, features, config))
 
+    with stage("split audit: fresh heads on patient-disjoint and source-disjoint splits of COVID"):
+        splits = split_audits(covid_features.image, covid_features.report, covid_features.report_row,
+                              covid_features.patient_ids, covid_features.cohort.images["source"].to_numpy(),
+                              test_fraction=config.test_fraction, seed=config.seed, fit_config=fit_config,
+                              pools=config.pools, ks=config.ks, n_boot=config.n_boot,
+                              permutations=config.permutations)
+        split_audit = {"cohort": "covid", **splits}
+
     openi_train_cohort, openi_test_cohort = split_by_patient(openi_features.cohort, 0.5, config.seed)
     probes = []
     with stage("linear probes"):
@@ -260,6 +276,7 @@ def run_demo(config: DemoConfig, extra: dict | None = None) -> dict:
         "probe": probes,
         "sweep": sweep,
         "refit": refit,
+        "split_audit": [split_audit],
         **(extra or {}),
     }
     with stage("write results"):

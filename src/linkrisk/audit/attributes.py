@@ -376,3 +376,157 @@ def cohort_attribute_codes(images: pd.DataFrame, reports: pd.DataFrame, report_l
         columns_unit.append(unit_labels)
         names.append("labels")
     return np.stack(columns_query, axis=1), np.stack(columns_unit, axis=1), names
+
+
+# --------------------------------------------------------------------------------------------------
+# Attribute codes of an audit design, and the attribute audit of one design
+
+LABELS_ATTRIBUTE = "labels"
+# Attributes of the default oracle: what a report's text commonly states (view, sex, age) and its findings.
+ORACLE_ATTRIBUTES = ("view", "sex", "age_band", LABELS_ATTRIBUTE)
+# Image-table values that mean "missing" in attribute columns.
+MISSING_STRINGS = ("", "unknown")
+
+
+def _missing_to_none(values: pd.Series) -> pd.Series:
+    values = values.astype(object)
+    missing = values.isna() | values.map(lambda v: isinstance(v, str) and v.strip() in MISSING_STRINGS)
+    return values.where(~missing, None)
+
+
+def agreed_values(values: pd.Series, group: np.ndarray, n_groups: int) -> pd.Series:
+    """Return each group's common value: the value when every member has it and none is missing, else None.
+
+    Args:
+        values: one value per row (None or NaN where missing).
+        group: ``[rows]`` int group of each row, ``0..n_groups-1``.
+
+    Returns:
+        object Series of length ``n_groups``; a group without rows is None.
+    """
+    table = pd.DataFrame({"group": np.asarray(group, dtype=np.int64), "value": _missing_to_none(values).to_numpy()})
+    stats = table.groupby("group")["value"].agg(["first", "size", "count", "nunique"])
+    agreed = stats["first"].where((stats["count"] == stats["size"]) & (stats["nunique"] == 1), None)
+    result = pd.Series([None] * n_groups, dtype=object)
+    result.iloc[agreed.index.to_numpy()] = agreed.astype(object).to_numpy()
+    return result
+
+
+def design_attribute_codes(design, images: pd.DataFrame | None, report_row: np.ndarray, columns: list[str],
+                           reports: pd.DataFrame | None = None,
+                           label_policy: str = "zeros") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Build query and unit attribute codes of an image-to-report design from its image and report tables.
+
+    Args:
+        design: an :class:`~linkrisk.audit.design.AuditDesign` with direction ``image_to_report``.
+        images: one row per image (rows of ``report_row``) with the image attribute columns, or None.
+        report_row: ``[n_images]`` row of each image's true report.
+        columns: attribute names: image columns, report columns (label columns), or ``labels``
+            for the whole label vector (:func:`label_vector_codes` under ``label_policy``).
+        reports: one row per report row, or None.
+
+    Rules: an image column gives a query (an image, or a study mean) and a
+    candidate unit the value shared by all their images, and a missing
+    value where the images disagree or any lacks one. A unit without
+    images, such as a report that only serves as a candidate, is
+    therefore missing on every image column. A report column and
+    ``labels`` give a unit the value shared by its reports, and a query
+    the value of its true unit: the query is handed its true report's
+    findings, as in :func:`cohort_attribute_codes`.
+
+    Returns:
+        ``(query_codes [Q, A], unit_codes [U, A], facts)``; ``facts`` has
+        ``attributes`` (the names) and ``missing_share`` (per name, the share
+        of candidate units missing it).
+
+    Raises:
+        ConfigError: a design other than image-to-report, an unknown column
+            (the message lists the available ones), or ``labels`` for units
+            without a label vector.
+    """
+    if design.facts.get("direction") != "image_to_report":
+        raise ConfigError("attribute matching and the attribute oracle take image-to-report audits (images query "
+                          "reports); use --direction image-to-report")
+    if not columns:
+        raise ConfigError("no attribute columns given; name at least one, for example view,sex,labels")
+    report_row = np.asarray(report_row, dtype=np.int64)
+    n_units = design.n_units
+    row_unit = np.arange(len(design.candidates)) if design.candidate_unit is None else design.candidate_unit
+    image_unit = row_unit[report_row]
+    if design.facts.get("image_level") == "study_mean":
+        position = {int(study): q for q, study in enumerate(design.query_ids)}
+        query_of_image = np.array([position[int(row)] for row in report_row], dtype=np.int64)
+    else:
+        query_of_image = np.arange(len(report_row))
+    n_queries = len(design.queries)
+
+    image_columns = [] if images is None else [c for c in images.columns if c not in _ID_COLUMNS]
+    report_columns = [] if reports is None else [c for c in reports.columns if c not in _ID_COLUMNS]
+    query_codes, unit_codes, missing = [], [], {}
+    for column in columns:
+        if column == LABELS_ATTRIBUTE:
+            if design.unit_labels is None:
+                raise ConfigError(f"attribute {LABELS_ATTRIBUTE!r} needs one label vector per candidate unit; units of "
+                                  f"kind {design.facts.get('candidate_unit')!r} have none (use level study and "
+                                  "label columns in reports.parquet)")
+            unit = label_vector_codes(design.unit_labels, label_policy)
+            query = unit[design.true_unit]
+        elif column in image_columns:
+            query_values = agreed_values(images[column].reset_index(drop=True), query_of_image, n_queries)
+            unit_values = agreed_values(images[column].reset_index(drop=True), image_unit, n_units)
+            query, unit = (codes[:, 0] for codes in encode_attributes(
+                pd.DataFrame({column: query_values}), pd.DataFrame({column: unit_values}), columns=[column]))
+        elif column in report_columns:
+            unit_values = agreed_values(reports[column].reset_index(drop=True), row_unit, n_units)
+            unit = encode_attributes(pd.DataFrame({column: unit_values}), columns=[column])[0][:, 0]
+            query = unit[design.true_unit]
+        else:
+            available = sorted(set(image_columns) | set(report_columns) | {LABELS_ATTRIBUTE})
+            raise ConfigError(f"unknown attribute column {column!r}; available here: {', '.join(available)}")
+        query_codes.append(query)
+        unit_codes.append(unit)
+        missing[column] = float((unit == MISSING).mean()) if len(unit) else float("nan")
+    facts = {"attributes": list(columns), "missing_share": missing}
+    return np.stack(query_codes, axis=1), np.stack(unit_codes, axis=1), facts
+
+
+# Id columns of images.parquet and reports.parquet, never attributes.
+_ID_COLUMNS = ("image_id", "study_id", "patient_id", "report_id", "image_path", "text")
+
+
+def audit_attributes(design, query_codes: np.ndarray, unit_codes: np.ndarray, facts: dict,
+                     pools: list[int | str], ks: list[int], n_boot: int = 1000, seed: int = 0, *,
+                     ties: str = "random", matched: bool = True, block_size: int | None = None,
+                     device: str | torch.device = "cpu") -> dict:
+    """Audit one design on chosen attributes: matched pools, the oracle on the same attributes, and the excess.
+
+    One streaming pass gives both the model's uniform-pool rank counts and
+    its counts within each attribute-matched group.
+
+    Returns:
+        ``attribute_matched`` (:func:`summarise_attribute_matched`; only with
+        ``matched``), ``attribute_oracle`` (:func:`audit_attribute_oracle`,
+        with ``missing_share`` per attribute) and ``oracle_comparison``
+        (:func:`compare_with_oracle`, model against oracle in uniform pools).
+    """
+    names = list(facts["attributes"])
+    counts, complete = attribute_matched_counts(design.queries, design.candidates, design.true_unit, unit_codes,
+                                                candidate_unit=design.candidate_unit, block_size=block_size,
+                                                device=device)
+    result = {}
+    if matched:
+        if complete[design.true_unit].any():
+            result["attribute_matched"] = summarise_attribute_matched(
+                counts, complete, design.true_unit, design.query_patients, pools, ks, n_boot, seed, ties, names)
+        else:
+            result["attribute_matched"] = {"negatives": "attribute_matched", "attributes": names, "recall": [],
+                                           "skipped": "every query's true candidate misses one of the attributes"}
+    oracle_above, oracle_equal = oracle_rank_counts(query_codes, unit_codes, design.true_unit)
+    oracle = audit_counts(oracle_above, oracle_equal, design.n_units, design.query_patients, pools, ks, n_boot, seed,
+                          "random")
+    result["attribute_oracle"] = {**oracle, "attacker": "attribute_oracle", "attributes": names,
+                                  "missing_share": facts["missing_share"]}
+    result["oracle_comparison"] = compare_with_oracle(counts.above, counts.equal, oracle_above, oracle_equal,
+                                                      design.n_units, design.query_patients, pools, ks, n_boot,
+                                                      seed, ties)
+    return result

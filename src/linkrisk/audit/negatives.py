@@ -41,6 +41,7 @@ from linkrisk.audit.recall import (
     expected_recall_at_k,
     log_comb,
     percentile_interval,
+    rank_statistics,
     resolve_pools,
 )
 from linkrisk.errors import ConfigError, InputError
@@ -164,6 +165,19 @@ def fallback_recall(ring_above: np.ndarray, ring_equal: np.ndarray, ring_size: n
     return recall, np.minimum(1.0, k / effective), effective, distance
 
 
+def matched_normalised_rank(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray,
+                            ties: str = "random") -> np.ndarray:
+    """Per-query normalised rank ``(rank - 1) / (m - 1)`` within the matched group of ``m`` candidates, ``[Q]``.
+
+    NaN for a query alone in its group (``m < 2``), which has no other
+    candidate to rank against.
+    """
+    above, equal, group_size = (np.asarray(a, dtype=np.float64) for a in (above, equal, group_size))
+    offset = {"random": equal / 2.0, "optimistic": 0.0, "pessimistic": equal}[ties]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(group_size >= 2, (above + offset) / (group_size - 1), np.nan)
+
+
 def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, patient_ids: np.ndarray,
                   pools: list[int | str] = (10, 100, 1000, "full"), ks: list[int] = (1, 5, 10), n_boot: int = 1000,
                   seed: int = 0, ties: str = "random", rings: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
@@ -176,6 +190,9 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
     numeric pools too small for a group are filled by the nearest-label
     fallback; entries then also carry ``fallback_share`` (queries whose
     pool reached past their own group) and ``max_label_distance``.
+    ``mean_normalised_rank`` and ``linkage_auc`` rank each query within its
+    own matched group (``rank_scope``), and queries alone in their group are
+    not ranked.
     """
     if ties not in TIE_RULES:
         raise ConfigError(f"unknown tie rule {ties!r}; valid rules: {', '.join(TIE_RULES)}")
@@ -203,6 +220,7 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
             per_query.append(values)
     intervals = percentile_interval(bootstrap_means(np.stack(per_query), patient_ids, n_boot, seed)) \
         if per_query else np.empty((0, 2))
+    ranks = rank_statistics(matched_normalised_rank(above, equal, group_size, ties), patient_ids, n_boot, seed)
     recall = []
     for entry, (low, high) in zip(entries, intervals):
         entry["ci95"] = [float(low), float(high)]
@@ -210,7 +228,7 @@ def audit_matched(above: np.ndarray, equal: np.ndarray, group_size: np.ndarray, 
         recall.append(entry)
     return {"negatives": "label_matched", "fallback": "nearest_label" if rings is not None else None,
             "n_queries": int(len(above)), "queries_with_ties": int((equal > 0).sum()), "tie_rule": ties,
-            "recall": recall,
+            "recall": recall, **ranks, "rank_scope": "matched group",
             "group_size": {"min": int(group_size.min()), "median": float(np.median(group_size)),
                            "max": int(group_size.max())}}
 

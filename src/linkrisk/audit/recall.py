@@ -129,6 +129,42 @@ def normalised_rank(above: np.ndarray, equal: np.ndarray, n_candidates: int, tie
     return (above + offset) / (n_candidates - 1)
 
 
+def rank_statistics(normalised: np.ndarray, patient_ids: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                    interval: np.ndarray | None = None) -> dict:
+    """Summarise per-query normalised ranks as the mean normalised rank and the linkage AUC, with 95% intervals.
+
+    The linkage AUC is ``1 - mean normalised rank``: the probability that
+    the true candidate outscores a random other candidate (ties count one
+    half under the ``random`` rule), so chance is 0.5 for both. Queries
+    whose rank is NaN (no other candidate to rank against) are left out and
+    counted in ``n_queries_ranked``.
+
+    Args:
+        normalised: ``[Q]`` per-query ``(rank - 1) / (M - 1)`` (:func:`normalised_rank`).
+        patient_ids: ``[Q]`` bootstrap clusters.
+        interval: a precomputed ``[low, high]`` interval of the mean normalised rank
+            (from a shared set of resamples); computed here when None.
+
+    Returns:
+        ``{"mean_normalised_rank": {value, ci95, chance}, "linkage_auc": {value, ci95, chance},
+        "n_queries_ranked": int}``; values are NaN when no query is ranked.
+    """
+    normalised = np.asarray(normalised, dtype=np.float64)
+    ranked = ~np.isnan(normalised)
+    if not ranked.any():
+        nan = float("nan")
+        return {"mean_normalised_rank": {"value": nan, "ci95": [nan, nan], "chance": 0.5},
+                "linkage_auc": {"value": nan, "ci95": [nan, nan], "chance": 0.5}, "n_queries_ranked": 0}
+    if interval is None:
+        interval = percentile_interval(bootstrap_means(normalised[ranked], np.asarray(patient_ids)[ranked], n_boot,
+                                                       seed))
+    low, high = (float(v) for v in interval)
+    mean = float(normalised[ranked].mean())
+    return {"mean_normalised_rank": {"value": mean, "ci95": [low, high], "chance": 0.5},
+            "linkage_auc": {"value": 1.0 - mean, "ci95": [1.0 - high, 1.0 - low], "chance": 0.5},
+            "n_queries_ranked": int(ranked.sum())}
+
+
 # Share of tied others ranked above the true candidate in the expected rank, per tie rule.
 _TIE_SHARE = {"random": 0.5, "optimistic": 0.0, "pessimistic": 1.0}
 
@@ -291,6 +327,8 @@ def audit_counts(above: np.ndarray, equal: np.ndarray, n_candidates: int, patien
         "queries_with_ties": int((equal > 0).sum()),
         "tie_rule": ties,
         "recall": recall,
+        **(rank_statistics(ranks, patient_ids, interval=intervals[-2]) if len(above) else
+           rank_statistics(np.full(0, np.nan), patient_ids)),
         "full_pool": {
             "mean_normalised_rank": float(ranks.mean()) if len(ranks) else float("nan"),
             "mean_normalised_rank_ci95": [float(v) for v in intervals[-2]],

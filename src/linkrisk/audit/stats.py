@@ -571,3 +571,52 @@ def required_queries(lift: float, pool_size: int, k: int = 1, alpha: float = 0.0
             return int(sizes[reached[0]])
     raise ConfigError(f"no number of queries up to {max_queries} reaches power {power} for lift {lift} at "
                       f"N={pool_size}, K={k}; raise max_queries or the lift")
+
+
+# Lifts over chance whose detection power every audit with random negatives reports.
+POWER_LIFTS = (2.0, 5.0)
+
+
+def power_table(n_queries: int, n_patients: int, pool_sizes: list[tuple[int | str, int]],
+                lifts: tuple[float, ...] = POWER_LIFTS, k: int = 1, alpha: float = 0.05,
+                power: float = 0.8) -> list[dict]:
+    """Power of an audit's query count to detect a lift over chance, and the queries needed for ``power``.
+
+    Under the Bernoulli model of the module docstring, per pool ``N`` and
+    lift: ``power_at_queries`` treats all ``n_queries`` as independent and
+    ``power_at_patients`` counts one query per patient, the safer reading
+    when patients have several images. ``required_queries`` is the exact
+    binomial count for ``power`` (:func:`required_queries`; None when no
+    count up to ten million reaches it). Pairs whose lift exceeds ``N / K``
+    are left out.
+
+    Args:
+        pool_sizes: ``(label, N)`` pairs, for example from
+            :func:`~linkrisk.audit.recall.resolve_pools`.
+    """
+    entries = []
+    for label, size in pool_sizes:
+        if k >= size:
+            continue
+        chance = k / size
+        for lift in lifts:
+            if lift * chance > 1.0:
+                continue
+            recall = lift * chance
+            entries.append({
+                "pool": label, "k": int(k), "lift": float(lift), "alpha": float(alpha), "chance": chance,
+                "n_queries": int(n_queries), "n_patients": int(n_patients),
+                "power_at_queries": float(binomial_power(n_queries, chance, recall, alpha)),
+                "power_at_patients": float(binomial_power(n_patients, chance, recall, alpha)),
+                "target_power": float(power),
+                "required_queries": _required_or_none(lift, size, k, alpha, power),
+            })
+    return entries
+
+
+def _required_or_none(lift: float, size: int, k: int, alpha: float, power: float) -> int | None:
+    """Return :func:`required_queries`, or None when no count up to its search limit reaches ``power``."""
+    try:
+        return required_queries(lift, size, k, alpha, power)
+    except ConfigError:
+        return None

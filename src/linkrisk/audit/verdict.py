@@ -30,8 +30,8 @@ def verdict_line(run: dict) -> str | None:
 
     Example: "linkage above chance (permutation p = 0.001 for the mean normalised rank, 0.002 for
     Recall@1 at N = 100); at most 3.2x chance (Recall@1 at most 3.2%) at N = 100 with 95% confidence;
-    an attacker using only view, labels reaches 40% of the model's Recall@1 there". A figure counts as
-    above chance when either p-value is at most 0.05.
+    an attacker using only view, labels reaches 40% of the model's Recall@1 there; 35% of the linkage above
+    chance is explained by attributes". A figure counts as above chance when either p-value is at most 0.05.
     """
     pool = _headline_pool(run)
     where = f"N = {pool}" if pool != "full" else "the full pool"
@@ -50,13 +50,39 @@ def verdict_line(run: dict) -> str | None:
     if bound is not None and bound.get("lift_upper") is not None and math.isfinite(bound["lift_upper"]):
         parts.append(f"at most {bound['lift_upper']:.1f}x chance (Recall@1 at most {100 * bound['upper']:.1f}%) "
                      f"at {where} with {100 * bound['level']:.0f}% confidence")
-    comparison = _entry(run.get("oracle_comparison", []), pool)
-    if comparison is not None and comparison["model"] > 0:
-        share = comparison["oracle"] / comparison["model"]
-        names = ", ".join(run.get("attribute_oracle", {}).get("attributes") or [])
-        parts.append(f"an attacker using only {names} reaches {100 * share:.0f}% of the model's Recall@1 there"
-                     if share < 1 else f"an attacker using only {names} links at least as well as the model there")
+    oracle_part = _oracle_clause(run, pool)
+    if oracle_part:
+        parts.append(oracle_part)
     return "; ".join(parts) if parts else None
+
+
+# An attribute missing for more than this share of the candidates makes the oracle's figure a leak of which
+# candidates have images, not a measure of attribute shortcuts, so the verdict leaves it out.
+_MAX_MISSING_SHARE = 0.5
+
+
+def _oracle_clause(run: dict, pool) -> str | None:
+    """Compare the model with the attribute oracle and state how much of the linkage above chance attributes explain.
+
+    The explained share is ``(oracle - chance) / (model - chance)`` of
+    Recall@1, capped at 100%, and is given only when the model is above chance.
+    """
+    comparison = _entry(run.get("oracle_comparison", []), pool)
+    oracle = run.get("attribute_oracle") or {}
+    if comparison is None or comparison["model"] <= 0:
+        return None
+    if any(share > _MAX_MISSING_SHARE for share in (oracle.get("missing_share") or {}).values()):
+        return None
+    names = ", ".join(oracle.get("attributes") or [])
+    model, attributes, chance = comparison["model"], comparison["oracle"], comparison["chance"]
+    if attributes >= model:
+        clause = f"an attacker using only {names} links at least as well as the model there"
+        return clause + ("; all of the linkage above chance may be explained by attributes" if model > chance else "")
+    clause = f"an attacker using only {names} reaches {100 * attributes / model:.0f}% of the model's Recall@1 there"
+    if model > chance:
+        explained = min(1.0, max(0.0, (attributes - chance) / (model - chance)))
+        clause += f"; {100 * explained:.0f}% of the linkage above chance is explained by attributes"
+    return clause
 
 
 __all__ = ["verdict_line"]

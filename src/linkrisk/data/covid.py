@@ -10,6 +10,12 @@ share a note share one report (report and study id = patient id plus a
 hash of the note). The same note under two patients stays two reports
 whose texts tie. Labels come from ``finding``: each of its
 comma- or slash-separated parts is one binary label.
+
+The image table adds four attribute columns (None where blank): ``sex``
+(``M`` or ``F``), ``age_band`` (the decade, for example ``50-59``), ``site``
+(the ``location`` column: hospital, city or country as written) and
+``source`` (where the image was published: ``doi:<doi>`` when the row
+has a DOI, else ``host:<web host of url>``).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import hashlib
 from collections import Counter
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
@@ -39,6 +46,26 @@ def _is_plain_name(name: str) -> bool:
     """Return whether ``name`` is a bare file name inside images/ (no folders, no '..', not absolute)."""
     name = name.strip()
     return bool(name) and name not in (".", "..") and "/" not in name and "\\" not in name and len(name.encode()) <= 255
+
+
+def _blank_to_none(values: pd.Series) -> pd.Series:
+    values = values.astype(str).str.strip()
+    return values.where(values != "", None)
+
+
+def _age_band(ages: pd.Series) -> pd.Series:
+    """Map ages in years to decade bands (``50-59``); blank or non-numeric ages become None."""
+    years = pd.to_numeric(ages.astype(str).str.strip(), errors="coerce")
+    decade = (years // 10 * 10).where(years >= 0)
+    return decade.map(lambda d: None if pd.isna(d) else f"{int(d)}-{int(d) + 9}").astype(object)
+
+
+def _publication_source(doi: pd.Series, url: pd.Series) -> pd.Series:
+    """Name where each image was published: ``doi:<doi>``, else ``host:<url host>``, else None."""
+    doi, url = _blank_to_none(doi), _blank_to_none(url)
+    hosts = url.map(lambda u: None if u is None else (urlparse(u).netloc.lower() or None))
+    source = ("doi:" + doi.str.lower()).where(doi.notna(), "host:" + hosts)
+    return source.where(source.notna(), None).astype(object)
 
 
 def _patient_groups(rows: pd.DataFrame) -> dict[str, str]:
@@ -128,6 +155,13 @@ def load_covid(root: str | Path) -> PairedCohort:
         "patient_id": table["patient_id"].values,
         "report_id": table["report_id"].values,
         "view": table["view"].str.strip().map(X_RAY_VIEWS).values,
+        "sex": _blank_to_none(table["sex"]).where(lambda s: s.isin(["M", "F"]), None).values
+        if "sex" in table.columns else None,
+        "age_band": _age_band(table["age"]).values if "age" in table.columns else None,
+        "site": _blank_to_none(table["location"]).values if "location" in table.columns else None,
+        "source": _publication_source(table["doi"] if "doi" in table.columns else pd.Series("", index=table.index),
+                                      table["url"] if "url" in table.columns else pd.Series("", index=table.index)
+                                      ).values,
     })
 
     first = table.drop_duplicates("report_id")

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from linkrisk._io import write_text
-from linkrisk.report import sections
+from linkrisk.report import evidence, sections
 # The titles are re-exported for callers of the former html module.
 from linkrisk.report.format import COHORT_TITLES, HEADS_TITLES, PROBE_TITLES, as_list  # noqa: F401
 from linkrisk.report.methods import methods_items, uses_reference_model
@@ -21,6 +21,7 @@ from linkrisk.report.validate import check_results
 SECTION_TITLES = (
     ("plain-words", "In plain words"), ("summary", "Summary"), ("recall-by-pool", "Recall@K against pool size"),
     ("negatives", "Random and pathology-matched negatives"), ("views", "Other directions and levels"),
+    ("evidence", "Tests, bounds and attribute shortcuts"), ("splits", "Split audit"),
     ("assignment", "One-to-one assignment attack"), ("frontier", "Mitigation across ε"),
     ("refit", "Refit attacker"), ("probes", "Utility: linear probes"), ("risk", "Per-record risk"),
     ("methods", "Methods"),
@@ -54,6 +55,8 @@ def render_report(results: dict) -> str:
         "recall": sections.recall_sections(groups),
         "negatives": sections.negatives_sections(groups),
         "views": sections.views_sections(groups),
+        "evidence": evidence.evidence_sections(groups),
+        "splits": evidence.split_sections(results),
         "assignment": sections.assignment_sections(groups),
         "frontier": render_frontier_section(results) if isinstance(sweep, dict) and sweep.get("original") else "",
         "refit": render_refit_section(results),
@@ -64,8 +67,8 @@ def render_report(results: dict) -> str:
     plain = context["plain"]
     present = {
         "plain-words": bool(plain["linkage"] or plain["utility"] or plain["privacy"]),
-        **{key: bool(context[key]) for key in ("summary", "negatives", "views", "assignment", "frontier", "refit",
-                                               "probes", "risk", "methods")},
+        **{key: bool(context[key]) for key in ("summary", "negatives", "views", "evidence", "splits", "assignment",
+                                               "frontier", "refit", "probes", "risk", "methods")},
         "recall-by-pool": bool(context["recall"]),
     }
     context["contents"] = [(key, title) for key, title in SECTION_TITLES if present[key]]

@@ -61,6 +61,10 @@ def _check_run(run: dict, source: str, where: str) -> None:
                   f"must be a positive integer, got {entry.get('batch_size')!r}")
     if run.get("rank_histogram") is not None:
         _check_histogram(run["rank_histogram"], source, f"{where}.rank_histogram")
+    # Optional fields of the evidence section: each is a list of entries placed by pool.
+    for key in ("power", "upper_bounds", "oracle_comparison", "file_metadata_comparison"):
+        for index, entry in enumerate(_list_of_objects(run.get(key) or [], source, f"{where}.{key}")):
+            _require_pool(entry, source, f"{where}.{key}[{index}]")
 
 
 def _check_histogram(histogram, source: str, where: str) -> None:
@@ -77,6 +81,19 @@ def _check_histogram(histogram, source: str, where: str) -> None:
             _fail(source, f"{where}.{key}", f"must be a non-negative integer, got {histogram.get(key)!r}")
     if histogram["n_candidates"] < 1:
         _fail(source, f"{where}.n_candidates", "must be at least 1")
+
+
+def _check_split_audit(entries, source: str) -> None:
+    for index, entry in enumerate(_list_of_objects(entries, source, "split_audit")):
+        for position, split in enumerate(_list_of_objects(entry.get("splits"), source,
+                                                           f"split_audit[{index}].splits")):
+            audit = split.get("audit")
+            if not isinstance(audit, dict):
+                _fail(source, f"split_audit[{index}].splits[{position}].audit",
+                      f"must be an object, got {type(audit).__name__}")
+            where = f"split_audit[{index}].splits[{position}].audit.recall"
+            for number, recall in enumerate(_list_of_objects(audit.get("recall", []), source, where)):
+                _require_pool(recall, source, f"{where}[{number}]")
 
 
 def _check_probe(probe: dict, source: str, where: str) -> None:
@@ -143,6 +160,8 @@ def check_results(results, source: str) -> None:
         _check_sweep(results["sweep"], source)
     if results.get("refit") is not None:
         _check_refit(results["refit"], source)
+    if results.get("split_audit") is not None:
+        _check_split_audit(results["split_audit"], source)
     for key in ("mitigation", "config", "machine"):
         if results.get(key) is not None and not isinstance(results[key], dict):
             _fail(source, key, f"must be an object, got {type(results[key]).__name__}")
