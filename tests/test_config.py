@@ -280,6 +280,8 @@ pools = [10, 100, "full"]
 ks = [1, 5]
 directions = ["image-to-report", "report-to-image"]
 negatives = ["random", "label-matched"]
+match = ["view", "sex", "labels"]
+split_audit = true
 
 [mitigation]
 train = "covid"
@@ -318,6 +320,20 @@ def test_config_run_outputs(config_run):
     assert {row["relation"] for row in results["sweep"]["points"][0]["targets"]} >= {"held-out patients",
                                                                                        "training patients"}
     assert results["refit"]
+
+
+def test_config_run_oracles_and_split_audit(config_run, covid):
+    _, results = config_run
+    main = next(run for run in results["runs"] if run["negatives"] == "random" and "view" not in run)
+    assert main["attribute_oracle"]["attributes"] == ["view", "sex", "labels"]
+    assert main["attribute_matched"]["attributes"] == ["view", "sex", "labels"]
+    assert main["file_metadata_oracle"]["attributes"] == ["file_format", "pil_mode", "size_band", "aspect_band"]
+    assert main["oracle_comparison"] and main["power"]
+    assert "an attacker using only view, sex, labels" in main["verdict"]
+    [entry] = results["split_audit"]
+    assert (entry["model"], entry["cohort"]) == ("reference", "covid")
+    assert [split["split"] for split in entry["splits"]] == ["patient", "source"]
+    assert all(split["n_train_images"] + split["n_test_images"] == covid.n_images for split in entry["splits"])
 
 
 def test_config_run_provenance(config_run, covid, openi):

@@ -12,6 +12,7 @@ nothing is printed, and logging goes to the ``linkrisk`` logger.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -33,7 +34,9 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
           direction: str = "image-to-report", level: str = "study", image_level: str = "image",
           merge_identical: bool = False, ties: str = "random", negatives: str = "random",
           label_policy: str = "zeros", fallback: str = "none", monte_carlo: int = 0, permutations: int = 0,
-          n_boot: int = 1000, seed: int = 0, device: str = "cpu") -> dict[str, Any]:
+          match: Sequence[str] | None = None, n_boot: int = 1000, seed: int = 0,
+          device: str = "cpu", precision: str = "fp32", block_size: int | None = None, engine: str = "local",
+          address: str | None = None) -> dict[str, Any]:
     """Audit saved embeddings, as ``linkrisk audit``: Recall@K with lift and patient-bootstrap intervals.
 
     Args:
@@ -41,16 +44,20 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
             ``reports.parquet`` for labels), or ``"manifest:PATH"``.
         pools: candidate pool sizes N (integers >= 2) or ``"full"``.
         ks: Recall cut-offs K.
+        match: attribute names for attribute-matched pools and the attribute oracle (columns of
+            ``images.parquet`` or ``reports.parquet``, or ``"labels"``); None or empty: off.
+        precision: score matmul precision, ``fp32`` or ``bf16`` / ``fp16`` with near-ties re-scored
+            in float64.
+        engine, address: ``local``, or ``ray`` with a cluster address (``local``/None starts one for
+            this call, ``auto`` joins ``ray start``'s, ``ray://HOST:PORT``); a cluster this process
+            already joined with ``ray.init`` is used as it is.
         The other options are those of ``linkrisk audit --help``.
 
     Returns:
         One audit entry as described in docs/results-schema.md (``runs[]``).
     """
-    from linkrisk.audit.design import DIRECTIONS, IMAGE_LEVELS, LEVELS
-    from linkrisk.audit.embeddings import audit_folder
-    from linkrisk.audit.negatives import LABEL_POLICIES
-    from linkrisk.audit.recall import TIE_RULES
-    from linkrisk.audit.run import NEGATIVES
+    from linkrisk._ray import ENGINES, check_engine
+    from linkrisk.audit.ranks import PRECISIONS
 
     if not isinstance(monte_carlo, int) or isinstance(monte_carlo, bool) or monte_carlo < 0:
         raise ConfigError(f"invalid monte_carlo {monte_carlo!r}; use 0 (off) or a positive number of pools")
@@ -58,7 +65,39 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
         raise ConfigError(f"invalid permutations {permutations!r}; use 0 (off) or a positive number of permutations")
     if not isinstance(n_boot, int) or isinstance(n_boot, bool) or n_boot < 1:
         raise ConfigError(f"invalid n_boot {n_boot!r}; use a positive number of resamples")
+    if isinstance(match, str) or (match is not None and not all(isinstance(c, str) and c.strip() for c in match)):
+        raise ConfigError(f"invalid match {match!r}; use a list of attribute column names, for example ['view', 'sex']")
+    if block_size is not None and (not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1):
+        raise ConfigError(f"invalid block_size {block_size!r}; use None (automatic) or a positive number of queries")
     fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "fallback")
+    engine = normalise_choice(engine, ENGINES, "engine")
+    check_engine(engine, address)
+    with _counting_engine(engine, address) as counting:
+        return _audit_folder(embeddings, pools, ks, direction, level, image_level, merge_identical, ties, negatives,
+                             label_policy, fallback_choice, monte_carlo, permutations, match, n_boot, seed, device,
+                             normalise_choice(precision, PRECISIONS, "precision"), block_size, counting)
+
+
+@contextlib.contextmanager
+def _counting_engine(engine: str, address: str | None):
+    if engine != "ray":
+        yield None
+        return
+    from linkrisk.audit.distributed import RayEngine
+
+    with RayEngine(address) as ray_engine:
+        yield ray_engine
+
+
+def _audit_folder(embeddings, pools, ks, direction, level, image_level, merge_identical, ties, negatives, label_policy,
+                  fallback_choice, monte_carlo, permutations, match, n_boot, seed, device, precision, block_size,
+                  engine) -> dict[str, Any]:
+    from linkrisk.audit.design import DIRECTIONS, IMAGE_LEVELS, LEVELS
+    from linkrisk.audit.embeddings import audit_folder
+    from linkrisk.audit.negatives import LABEL_POLICIES
+    from linkrisk.audit.recall import TIE_RULES
+    from linkrisk.audit.run import NEGATIVES
+
     return audit_folder(
         str(embeddings) if str(embeddings).startswith("manifest:") else Path(embeddings), list(pools), list(ks),
         n_boot=n_boot, seed=seed, negatives=normalise_choice(negatives, NEGATIVES, "negatives"),
@@ -66,17 +105,22 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
         direction=normalise_choice(direction, DIRECTIONS, "direction"), level=normalise_choice(level, LEVELS, "level"),
         image_level=normalise_choice(image_level, IMAGE_LEVELS, "image_level"), merge_identical=merge_identical,
         ties=normalise_choice(ties, TIE_RULES, "ties"), fallback=None if fallback_choice == "none" else fallback_choice,
-        monte_carlo_pools=monte_carlo, permutations=permutations, device=device)
+        monte_carlo_pools=monte_carlo, permutations=permutations,
+        match=[column.strip() for column in match] if match else None, device=device, precision=precision,
+        block_size=block_size, engine=engine)
 
 
 def embed(model: str, weights: str | Path, dataset: str, out: str | Path, text_policy: str | None = None,
           device: str = "cpu", precision: str = "fp32", batch_size: int = 32, text_batch_size: int = 64,
           chunk_size: int = 512, workers: int = 2, fast_decode: bool = False, allow_download: bool = False,
-          progress: bool = False) -> dict[str, Any]:
+          progress: bool = False, engine: str = "local", address: str | None = None,
+          actors: int = 0) -> dict[str, Any]:
     """Embed a dataset with a model's frozen towers, as ``linkrisk embed``; return the ``embed.json`` summary.
 
     ``dataset`` is ``NAME:PATH`` (for example ``"openi:data/openi"``). Without ``allow_download``
-    the Hugging Face libraries are set offline for this process (``HF_HUB_OFFLINE=1``).
+    the Hugging Face libraries are set offline for this process (``HF_HUB_OFFLINE=1``), and in the
+    Ray engine's workers. ``engine="ray"`` decodes in Ray tasks and encodes in Ray Data actor pools
+    (``address`` and ``actors`` as in ``linkrisk embed --help``); the outputs and cache are the same.
     """
     from linkrisk.data.registry import load_dataset
     from linkrisk.data.sections import TextPolicy
@@ -88,7 +132,7 @@ def embed(model: str, weights: str | Path, dataset: str, out: str | Path, text_p
         os.environ["TRANSFORMERS_OFFLINE"] = "1"
     config = EmbedConfig(batch_size=batch_size, text_batch_size=text_batch_size, chunk_size=chunk_size,
                          workers=workers, device=device, precision=precision, fast_decode=fast_decode,
-                         progress=progress).validate()
+                         progress=progress, engine=engine, address=address, actors=actors).validate()
     cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
     adapter = load_adapter(model, weights, allow_download=allow_download)
     weights_path = getattr(adapter, "weights_path", weights)

@@ -156,6 +156,15 @@ def _parse_pools(text: str) -> list[int | str]:
     return pools
 
 
+def _parse_match(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    columns = [part.strip() for part in text.split(",")]
+    if not all(columns):
+        raise ConfigError(f"invalid --match {text!r}; name attribute columns, comma-separated (for example view,sex)")
+    return columns
+
+
 def _parse_ks(text: str) -> list[int]:
     try:
         ks = [int(part) for part in text.split(",")]
@@ -274,6 +283,39 @@ def _print_audit(result: dict) -> None:
         console.print(f"  Monte Carlo N={entry['pool']!s:>5} K={entry['k']:>3}  {entry['value']:.4f} "
                       f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}] over {entry['n_pools']} pools per query; "
                       f"closed form {entry['closed_form']:.4f}")
+    if "linkage_auc" in result:
+        auc = result["linkage_auc"]
+        console.print(f"  linkage AUC {auc['value']:.4f} [{auc['ci95'][0]:.4f}, {auc['ci95'][1]:.4f}] (chance 0.5)")
+    for entry in result.get("power", []):
+        needed = entry["required_queries"] if entry["required_queries"] is not None else "over 10 million"
+        console.print(f"  power N={entry['pool']!s:>5}: {entry['power_at_queries']:.0%} to detect {entry['lift']:g}x "
+                      f"chance with {entry['n_queries']} queries ({entry['power_at_patients']:.0%} counting one per "
+                      f"patient); {needed} queries give {entry['target_power']:.0%}")
+    _print_attributes(console, result)
+
+
+def _print_attributes(console: Console, result: dict) -> None:
+    matched = result.get("attribute_matched")
+    if matched:
+        console.print(f"attribute-matched pools on {', '.join(matched['attributes'])}: "
+                      f"{matched.get('n_queries', 0)} queries; left out for a missing value: "
+                      f"{matched.get('n_queries_with_missing', 0)} queries and "
+                      f"{matched.get('n_candidates_with_missing', 0)} candidates")
+        for entry in matched["recall"]:
+            effective = entry["effective_pool"]
+            console.print(f"  N={entry['pool']!s:>5} K={entry['k']:>3}  Recall {entry['value']:.4f} "
+                          f"[{entry['ci95'][0]:.4f}, {entry['ci95'][1]:.4f}]  chance {entry['chance']:.4f}  "
+                          f"lift {entry['lift']:.2f}  effective pool {effective['min']}/{effective['median']:g}/"
+                          f"{effective['max']}  full pools {entry['full_pool_share']:.0%}")
+    oracle = result.get("attribute_oracle")
+    if oracle:
+        console.print(f"attribute oracle on {', '.join(oracle['attributes'])} (links by equal attributes alone, "
+                      "ties at random) beside the model, uniform pools:")
+    for entry in result.get("oracle_comparison", []):
+        ratio = f"{entry['ratio']:.2f}x" if entry.get("ratio") is not None else "n/a"
+        console.print(f"  oracle N={entry['pool']!s:>5} K={entry['k']:>3}  model {entry['model']:.4f}  oracle "
+                      f"{entry['oracle']:.4f}  excess {entry['excess']:+.4f} [{entry['excess_ci95'][0]:+.4f}, "
+                      f"{entry['excess_ci95'][1]:+.4f}]  model / oracle {ratio}")
 
 
 @app.command()
@@ -292,9 +334,14 @@ def audit(
     fallback: Annotated[str, typer.Option(help="With label-matched: none (cap small groups) or nearest-label (fill pools by smallest label distance).")] = "none",
     monte_carlo: Annotated[int, typer.Option(min=0, help="Also sample this many explicit pools per query and pool size (count; random negatives), beside the closed form; 0 turns it off. Slow: time grows with queries x pools x N (minutes at 10,000 queries).")] = 0,
     permutations: Annotated[int, typer.Option(min=0, help="Patient permutations of the test of \"no linkage\" (count; random negatives): p-values for Recall@K and the mean normalised rank. 0 turns it off.")] = 0,
+    match: Annotated[Optional[str], typer.Option(help="Attributes, comma-separated, for attribute-matched pools and an attacker that links by them alone (image-to-report): columns of images.parquet (view, sex, age_band, site, source, file_format, size_band, ...) or reports.parquet, or labels for the label vector.")] = None,
     n_boot: Annotated[int, typer.Option(min=1, help="Patient-bootstrap resamples per 95% interval (count, at least 1).")] = 1000,
     seed: Annotated[int, typer.Option(min=0, max=2**32 - 1, help="Integer seed (0 to 2^32 - 1) of the bootstrap and the Monte Carlo pools.")] = 0,
     device: Annotated[str, typer.Option(help="Torch device for the score matmul: cpu, cuda, cuda:1, ...")] = "cpu",
+    precision: Annotated[str, typer.Option(help="Score matmul precision: fp32, or bf16 / fp16 with ties and near-ties re-scored in float64 (the counts equal those of exact scores).")] = "fp32",
+    block_size: Annotated[Optional[int], typer.Option(min=1, help="Queries scored per matmul (count, at least 1; default: as many as fit in 128 MiB on CPU or half the free GPU memory).")] = None,
+    engine: Annotated[str, typer.Option(help="Where rank counting runs: local (this process) or ray (query blocks as Ray tasks; needs linkrisk[ray]). Both give identical counts.")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --engine ray: local (start a cluster for this run; default), auto (the cluster `ray start` started) or ray://HOST:PORT.")] = None,
     json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the audit as JSON to this file.")] = None,
     quiet: QuietOption = False,
     log_file: LogFileOption = None,
@@ -303,28 +350,47 @@ def audit(
     with handle_errors():
         setup_command_logging(quiet, log_file, ctx)
         from linkrisk._io import write_json
+        from linkrisk._ray import ENGINES, check_engine
         from linkrisk.audit.design import DIRECTIONS, IMAGE_LEVELS, LEVELS
         from linkrisk.audit.embeddings import audit_folder
         from linkrisk.audit.negatives import LABEL_POLICIES
+        from linkrisk.audit.ranks import PRECISIONS
         from linkrisk.audit.recall import TIE_RULES
         from linkrisk.audit.run import NEGATIVES
 
         fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "--fallback")
-        result = audit_folder(
-            embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
-            negatives=normalise_choice(negatives, NEGATIVES, "--negatives"),
-            label_policy=normalise_choice(label_policy, LABEL_POLICIES, "--label-policy"),
-            direction=normalise_choice(direction, DIRECTIONS, "--direction"),
-            level=normalise_choice(level, LEVELS, "--level"),
-            image_level=normalise_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
-            ties=normalise_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
-            monte_carlo_pools=monte_carlo, permutations=permutations, device=_device(device))
+        engine = normalise_choice(engine, ENGINES, "--engine")
+        check_engine(engine, address)
+        with _count_engine(engine, address) as counting:
+            result = audit_folder(
+                embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
+                negatives=normalise_choice(negatives, NEGATIVES, "--negatives"),
+                label_policy=normalise_choice(label_policy, LABEL_POLICIES, "--label-policy"),
+                direction=normalise_choice(direction, DIRECTIONS, "--direction"),
+                level=normalise_choice(level, LEVELS, "--level"),
+                image_level=normalise_choice(image_level, IMAGE_LEVELS, "--image-level"), merge_identical=merge_identical,
+                ties=normalise_choice(ties, TIE_RULES, "--ties"), fallback=None if fallback_choice == "none" else fallback_choice,
+                monte_carlo_pools=monte_carlo, permutations=permutations, match=_parse_match(match),
+                device=_device(device), precision=normalise_choice(precision, PRECISIONS, "--precision"),
+                block_size=block_size, engine=counting)
         _print_audit(result)
         if not result["recall"]:
             err_console.print(Text("warning: no Recall@K entry left: every K is at least its pool size N; "
                                    "choose smaller --ks or larger --pools", style="yellow"), soft_wrap=True)
         if json_out:
             write_json(json_out, result)
+
+
+@contextlib.contextmanager
+def _count_engine(engine: str, address: str | None):
+    """Yield the rank-counting engine for ``--engine``: None (local) or a started :class:`RayEngine`."""
+    if engine != "ray":
+        yield None
+        return
+    from linkrisk.audit.distributed import RayEngine
+
+    with RayEngine(address) as ray_engine:
+        yield ray_engine
 
 
 @app.command()
@@ -343,6 +409,9 @@ def embed(
     workers: Annotated[int, typer.Option(min=0, help="DataLoader worker processes decoding images (count; 0 decodes in the main process).")] = 2,
     fast_decode: Annotated[bool, typer.Option(help="Decode JPEGs at reduced scale (at least twice the model's input size in pixels): faster, pixels differ slightly from the model's own preprocessing.")] = False,
     allow_download: Annotated[bool, typer.Option(help="Let Hugging Face libraries reach the network for missing files (default: offline).")] = False,
+    engine: Annotated[str, typer.Option(help="Where encoding runs: local (this process and its DataLoader workers) or ray (decoding as Ray tasks, encoders in Ray Data actor pools; needs linkrisk[ray]). Same cache and outputs.")] = "local",
+    address: Annotated[Optional[str], typer.Option(help="With --engine ray: local (start a cluster for this run; default), auto (the cluster `ray start` started) or ray://HOST:PORT.")] = None,
+    actors: Annotated[int, typer.Option(min=0, help="With --engine ray: encoder actors (count; 0 means one per GPU, or half the cluster's CPUs without GPUs).")] = 0,
     quiet: QuietOption = False,
     log_file: LogFileOption = None,
 ) -> None:
@@ -356,6 +425,7 @@ def embed(
         from linkrisk.data.registry import load_dataset
         from linkrisk.data.sections import TextPolicy
         from linkrisk.models.adapters import load_adapter
+        from linkrisk._ray import ENGINES
         from linkrisk.models.embed import PRECISIONS, EmbedConfig, embed_cohort, hash_weights
 
         if not out.strip():
@@ -367,7 +437,9 @@ def embed(
                               "choose an --out outside it")
         config = EmbedConfig(batch_size=batch_size, text_batch_size=text_batch_size, chunk_size=chunk_size,
                              workers=workers, device=_device(device), fast_decode=fast_decode,
-                             precision=normalise_choice(precision, PRECISIONS, "--precision"), progress=not quiet).validate()
+                             precision=normalise_choice(precision, PRECISIONS, "--precision"), progress=not quiet,
+                             engine=normalise_choice(engine, ENGINES, "--engine"), address=address,
+                             actors=actors).validate()
         cohort = load_dataset(dataset, TextPolicy.parse(text_policy) if text_policy else None)
         adapter = load_adapter(model, weights, allow_download=allow_download)
         weights_path = getattr(adapter, "weights_path", weights)

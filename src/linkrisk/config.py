@@ -64,6 +64,7 @@ LOSSES = ("public-bank", "in-batch")
 INITS = ("original", "public")
 IMAGE_ENCODERS = ("randconv", "histdct")
 
+ENGINES = ("local", "ray")
 SEED_MAX = 2**32 - 1
 
 SCHEMA: dict[str, dict[str, Key]] = {
@@ -80,6 +81,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
                       cli=("audit --device", "embed --device")),
         "allow_download": Key("bool", False, "Let Hugging Face libraries fetch missing model files (default: offline).",
                               cli=("embed --allow-download",)),
+        "engine": Key("str", "local", "Where embedding and rank counting run: local (this process) or ray "
+                      "(a Ray cluster; extra linkrisk[ray]).", choices=ENGINES, cli=("embed --engine", "audit --engine")),
+        "address": Key("str", None, "Ray cluster with engine = ray: local (start one for the run; default), auto "
+                       "(the cluster `ray start` started) or ray://HOST:PORT.",
+                       cli=("embed --address", "audit --address")),
         "quiet": Key("bool", False, "Log warnings only; no progress bars.",
                      cli=("demo --quiet", "embed --quiet", "mitigate --quiet", "data describe --quiet",
                           "audit --quiet", "report --quiet", "run --quiet")),
@@ -135,6 +141,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
                        cli=("embed --workers",)),
         "fast_decode": Key("bool", False, "Decode JPEGs at reduced scale (faster; pixels differ slightly).",
                            cli=("embed --fast-decode",)),
+        "actors": Key("int", 0, "With run.engine = ray: encoder actors (count; 0: one per GPU, or half the "
+                      "cluster's CPUs without GPUs).", minimum=0, cli=("embed --actors",)),
     },
     "audit": {
         "cohorts": Key("list:str", None, "Cohorts to audit with every model (default: all)."),
@@ -159,6 +167,16 @@ SCHEMA: dict[str, dict[str, Key]] = {
                            "(count; 0: off).", minimum=0, cli=("audit --monte-carlo",)),
         "permutations": Key("int", 999, "Patient permutations of the test of no linkage, per audit with random "
                             "negatives (count; 0: off).", minimum=0, cli=("audit --permutations",)),
+        "match": Key("list:str", [], "Attributes of attribute-matched pools and of the attribute oracle in the main "
+                     "audit: images.parquet or reports.parquet columns, or labels (empty: the oracle uses view, sex, "
+                     "age_band and labels where present).", cli=("audit --match",)),
+        "split_audit": Key("bool", False, "Also fit fresh heads on a patient-disjoint and a source-disjoint split "
+                           "of each audited cohort (source-disjoint where images.parquet has a source column) and "
+                           "audit the held-out part."),
+        "precision": Key("str", "fp32", "Score matmul precision: fp32, or bf16 / fp16 with near-ties re-scored in "
+                         "float64 (same counts as exact scores).", choices=PRECISIONS, cli=("audit --precision",)),
+        "block_size": Key("int", None, "Queries scored per matmul (count; default: from 128 MiB on CPU or half the "
+                          "free GPU memory).", minimum=1, cli=("audit --block-size",)),
     },
     "mitigation": {
         "model": Key("str", None, "Model whose heads are retrained (default: the first model)."),

@@ -18,12 +18,15 @@ embedding chunks and sweep points resume where a killed run stopped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import itertools
 import time
 from pathlib import Path
 from typing import Any
+
+import pandas as pd
 
 from linkrisk import __version__
 from linkrisk._io import make_private_dirs, write_json, write_text
@@ -134,7 +137,8 @@ def _embed_all(config: dict[str, Any], cohorts: dict[str, Any], out: Path) -> di
         embed_config = EmbedConfig(batch_size=table["batch_size"], text_batch_size=table["text_batch_size"],
                                    chunk_size=table["chunk_size"], workers=table["workers"], device=run["device"],
                                    precision=table["precision"], fast_decode=table["fast_decode"],
-                                   progress=not run["quiet"]).validate()
+                                   progress=not run["quiet"], engine=run["engine"], address=run["address"],
+                                   actors=table["actors"]).validate()
         folders = {}
         for cohort_name in _cohorts_needed(config, name):
             folder = out / "embeddings" / name / cohort_name
@@ -160,11 +164,23 @@ def _views(audit: dict[str, Any]) -> list[dict[str, str]]:
 MAIN_VIEW = {"direction": "image_to_report", "level": "study", "image_level": "image"}
 
 
+@contextlib.contextmanager
+def _counting_engine(run: dict[str, Any]):
+    """Yield None (local engine) or a started :class:`~linkrisk.audit.distributed.RayEngine`."""
+    if run["engine"] != "ray":
+        yield None
+        return
+    from linkrisk.audit.distributed import RayEngine
+
+    with RayEngine(run["address"]) as engine:
+        yield engine
+
+
 def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, Any], config: dict[str, Any],
-               out: Path) -> list[dict[str, Any]]:
+               out: Path, engine=None) -> list[dict[str, Any]]:
     """Audit one embed folder under every view and kind of negatives the configuration requests."""
     from linkrisk.audit.embeddings import audit_folder, load_embeddings
-    from linkrisk.audit.extras import main_audit_extras
+    from linkrisk.audit.extras import folder_oracle_audits, main_audit_extras
     from linkrisk.models.precomputed import load_feature_cohort
 
     audit, run = config["audit"], config["run"]
@@ -183,7 +199,10 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                 label_policy=cohort_table["label_policy"], merge_identical=audit["merge_identical"],
                 ties=audit["ties"], fallback=None if audit["fallback"] == "none" else audit["fallback"].replace("-", "_"),
                 monte_carlo_pools=audit["monte_carlo"] if negatives == "random" else 0,
-                permutations=audit["permutations"], device=run["device"], **view)
+                permutations=audit["permutations"], device=run["device"], precision=audit["precision"],
+                block_size=audit["block_size"], engine=engine,
+                match=audit["match"] if view == MAIN_VIEW and negatives == "random" and audit["match"] else None,
+                **view)
             entry = {**common, **result}
             if view != MAIN_VIEW:
                 entry["view"] = "extra"
@@ -193,7 +212,12 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                                                pairs["patient_id"].astype(str).to_numpy(),
                                                pairs["image_id"].to_numpy(), folder, run["n_boot"], run["seed"],
                                                progress=not run["quiet"]))
-                # NOTE: no attribute oracle here: embed folders carry labels but not the images' views.
+                oracles = folder_oracle_audits(folder, audit["pools"], audit["ks"], run["n_boot"], run["seed"],
+                                               cohort_table["label_policy"])
+                # Attributes chosen with [audit] match replace the default oracle's; the metadata oracle stays.
+                chosen = ("attribute_matched", "attribute_oracle", "oracle_comparison", "attribute_oracle_skipped")
+                entry.update({key: value for key, value in oracles.items()
+                              if not (audit["match"] and key in chosen)})
                 entry["verdict"] = verdict_line(entry)
             runs.append(entry)
             r1 = {e["pool"]: e["value"] for e in result["recall"] if e["k"] == 1}
@@ -201,6 +225,22 @@ def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, An
                         view["direction"], view["level"], view["image_level"], negatives,
                         ", ".join(f"N={pool}: {value:.3f}" for pool, value in r1.items()))
     return runs
+
+
+def _split_audit_one(model: str, cohort: str, folder: Path, config: dict[str, Any]) -> dict[str, Any]:
+    """Refit heads on the patient-disjoint and, where images.parquet has a source column, source-disjoint split."""
+    from linkrisk.audit.embeddings import load_images_table
+    from linkrisk.audit.splits import split_audits
+    from linkrisk.models.precomputed import load_feature_cohort
+
+    audit, run = config["audit"], config["run"]
+    features = load_feature_cohort(folder, cohort)
+    images = load_images_table(folder, pd.read_parquet(folder / "pairs.parquet"))
+    sources = images["source"].to_numpy(dtype=object) if images is not None and "source" in images.columns else None
+    splits = split_audits(features.image_features, features.report_features, features.report_row,
+                          features.patient_ids, sources, seed=run["seed"], pools=audit["pools"], ks=audit["ks"],
+                          n_boot=run["n_boot"], permutations=audit["permutations"], progress=not run["quiet"])
+    return {"model": model, "cohort": cohort, **splits}
 
 
 def _probe_one(model: str, cohort: str, folder: Path, config: dict[str, Any]) -> dict[str, Any]:
@@ -247,14 +287,22 @@ def _run_cohorts_and_models(config: dict[str, Any]) -> dict[str, Any]:
     clock = time.perf_counter()
     out = Path(config["run"]["out"])
     cohorts = _load_cohorts(config)
-    models = _embed_all(config, cohorts, out)
     tables = {table["name"]: table for table in config["cohorts"]}
-
     runs = []
-    with stage("audits"):
-        for model, entry in models.items():
-            for cohort in config["audit"]["cohorts"]:
-                runs += _audit_one(model, cohort, entry["folders"][cohort], tables[cohort], config, out)
+    # With run.engine = ray, one cluster serves the embedding and the rank counting.
+    with _counting_engine(config["run"]) as engine:
+        models = _embed_all(config, cohorts, out)
+        with stage("audits"):
+            for model, entry in models.items():
+                for cohort in config["audit"]["cohorts"]:
+                    runs += _audit_one(model, cohort, entry["folders"][cohort], tables[cohort], config, out, engine)
+
+    split_audit = []
+    if config["audit"]["split_audit"]:
+        with stage("split audits: fresh heads on patient-disjoint and source-disjoint splits"):
+            for model, entry in models.items():
+                for cohort in config["audit"]["cohorts"]:
+                    split_audit.append(_split_audit_one(model, cohort, entry["folders"][cohort], config))
 
     mitigation = _mitigate(config, models, out) if config.get("mitigation") else None
 
@@ -280,6 +328,8 @@ def _run_cohorts_and_models(config: dict[str, Any]) -> dict[str, Any]:
         "runs": runs,
         "probe": probes,
     }
+    if split_audit:
+        results["split_audit"] = split_audit
     if mitigation:
         results["mitigation_run"] = {key: mitigation[key] for key in ("inputs", "epsilons", "config")}
         results["sweep"] = mitigation["sweep"]

@@ -8,6 +8,11 @@ import numpy as np
 import pandas as pd
 
 from linkrisk._logging import logger
+from linkrisk.audit.attributes import (
+    LABELS_ATTRIBUTE,
+    audit_attributes,
+    design_attribute_codes,
+)
 from linkrisk.audit.design import build_design
 from linkrisk.audit.run import NEGATIVES, run_audit
 from linkrisk.errors import ConfigError, InputError
@@ -146,6 +151,44 @@ def _label_columns(path: Path, table: pd.DataFrame) -> np.ndarray:
     return labels.to_numpy(dtype=np.float64)
 
 
+def load_images_table(folder: Path, pairs: pd.DataFrame) -> pd.DataFrame | None:
+    """Read ``images.parquet`` in the row order of ``pairs``; None when the folder has none.
+
+    Rows are matched on ``image_id`` when both tables have it, else taken
+    in file order, which then must have one row per pair.
+    """
+    path = Path(folder) / "images.parquet"
+    if not path.is_file():
+        return None
+    table = _read_parquet(path, "attribute columns are read from images.parquet")
+    if "image_id" in table.columns and "image_id" in pairs.columns:
+        position = pd.Series(np.arange(len(table)), index=table["image_id"].astype(str).to_numpy())
+        if position.index.duplicated().any():
+            raise InputError(f"{path}: duplicate image_id values; each row is one image")
+        wanted = pairs["image_id"].astype(str)
+        absent = ~wanted.isin(position.index)
+        if absent.any():
+            raise InputError(f"{path}: {int(absent.sum())} images of pairs.parquet have no row (first: "
+                             f"{wanted[absent].iloc[0]}); re-create the folder")
+        return table.iloc[position.loc[wanted.to_numpy()].to_numpy()].reset_index(drop=True)
+    if len(table) != len(pairs):
+        raise InputError(f"{path}: {len(table)} rows but pairs.parquet has {len(pairs)}; both need one row per image")
+    return table.reset_index(drop=True)
+
+
+def folder_attributes(folder: Path, pairs: pd.DataFrame, reports: pd.DataFrame | None, design, columns: list[str],
+                      label_policy: str = "zeros") -> tuple[np.ndarray, np.ndarray, dict]:
+    """Attribute codes of a folder's design from ``images.parquet`` and ``reports.parquet``.
+
+    See :func:`~linkrisk.audit.attributes.design_attribute_codes` for the
+    rules; raises :class:`ConfigError` naming the available columns when
+    one is missing.
+    """
+    images = load_images_table(folder, pairs) if not str(folder).startswith("manifest:") else None
+    return design_attribute_codes(design, images, pairs["report_row"].to_numpy(), list(columns), reports,
+                                  label_policy)
+
+
 def _manifest_embeddings(spec: str) -> tuple[np.ndarray, np.ndarray, pd.DataFrame, pd.DataFrame]:
     """Embeddings, pairs and report labels from a Parquet manifest with both embedding columns."""
     from linkrisk.data.registry import load_dataset
@@ -167,12 +210,17 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
                  negatives: str = "random", label_policy: str = "zeros", *, direction: str = "image_to_report",
                  level: str = "study", image_level: str = "image", merge_identical: bool = False,
                  ties: str = "random", fallback: str | None = None, monte_carlo_pools: int = 0,
-                 permutations: int = 0, device: str = "cpu") -> dict:
+                 permutations: int = 0, match: list[str] | None = None, device: str = "cpu",
+                 precision: str = "fp32", block_size: int | None = None, engine=None) -> dict:
     """Audit a saved embeddings folder; see :func:`~linkrisk.audit.run.run_audit` for the options and output.
 
     ``negatives`` accepts ``label-matched`` as a spelling of
     ``label_matched``. Labels and report patients come from
     ``reports.parquet`` when present (required for label-matched pools).
+    With ``match`` (attribute names: columns of ``images.parquet`` or
+    ``reports.parquet``, or ``labels``) the output adds
+    ``attribute_matched``, ``attribute_oracle`` and ``oracle_comparison``
+    on those attributes (:func:`~linkrisk.audit.attributes.audit_attributes`).
     """
     negatives = negatives.replace("-", "_")
     if negatives not in NEGATIVES:
@@ -186,7 +234,7 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
     if reports is not None:
         if "patient_id" in reports.columns:
             report_patients = reports["patient_id"].to_numpy(dtype=object)
-        if negatives == "label_matched":
+        if negatives == "label_matched" or (match and LABELS_ATTRIBUTE in match):
             source = str(folder).removeprefix("manifest:") if str(folder).startswith("manifest:") else \
                 Path(folder) / "reports.parquet"
             labels = _label_columns(Path(source), reports)
@@ -198,6 +246,15 @@ def audit_folder(folder: Path, pools: list, ks: list[int], n_boot: int = 1000, s
     design = build_design(image, report, pairs["report_row"].to_numpy(), pairs["patient_id"].astype(str).to_numpy(),
                           image_ids=image_ids, report_labels=labels, report_patients=report_patients,
                           direction=direction, level=level, image_level=image_level, merge_identical=merge_identical)
-    return run_audit(design, pools, ks, n_boot, seed, ties=ties, negatives=negatives, label_policy=label_policy,
-                     fallback=fallback, monte_carlo_pools=monte_carlo_pools,
-                     permutations=permutations if negatives == "random" else 0, device=device)
+    attributes = None
+    if match:
+        # Checked before the audit's scoring pass, so a wrong column name fails at once.
+        attributes = folder_attributes(folder, pairs, reports, design, list(match), label_policy)
+    result = run_audit(design, pools, ks, n_boot, seed, ties=ties, negatives=negatives, label_policy=label_policy,
+                       fallback=fallback, monte_carlo_pools=monte_carlo_pools,
+                       permutations=permutations if negatives == "random" else 0, device=device,
+                       precision=precision, block_size=block_size, engine=engine)
+    if attributes is not None:
+        logger.info("attribute audit started: matched pools and oracle on %s", ", ".join(match))
+        result.update(audit_attributes(design, *attributes, pools, ks, n_boot, seed, ties=ties, device=device))
+    return result

@@ -12,7 +12,7 @@ from linkrisk.audit.design import AuditDesign
 from linkrisk.audit.montecarlo import monte_carlo_recall
 from linkrisk.audit.negatives import FALLBACKS, LABEL_POLICIES, summarise_matched, unit_label_masks
 from linkrisk.audit.ranks import stream_counts
-from linkrisk.audit.stats import permutation_test, recall_upper_bounds
+from linkrisk.audit.stats import permutation_test, power_table, recall_upper_bounds
 from linkrisk.audit.recall import (
     TIE_RULES,
     audit_counts,
@@ -36,7 +36,7 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
                n_boot: int = 1000, seed: int = 0, *, negatives: tuple[str, ...] = ("random",), ties: str = "random",
                label_policy: str = "zeros", fallback: str | None = None, monte_carlo_pools: int = 0,
                permutations: int = 0, upper_level: float | None = 0.95, block_size: int | None = None,
-               device: str | torch.device = "cpu") -> list[dict]:
+               device: str | torch.device = "cpu", precision: str = "fp32", engine=None) -> list[dict]:
     """Audit one design from a single streaming pass, once per kind of negatives.
 
     Args:
@@ -59,13 +59,16 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
         upper_level: with ``random`` negatives, add one-sided upper
             confidence bounds on Recall@K and lift at this level
             (:func:`~linkrisk.audit.stats.recall_upper_bounds`; None: off).
+        block_size, device, precision, engine: how the rank counts are
+            computed (:func:`~linkrisk.audit.ranks.stream_counts`).
 
     Returns:
         One dict per kind: the design's facts plus the summary of
         :func:`~linkrisk.audit.recall.audit_counts` or
         :func:`~linkrisk.audit.negatives.summarise_matched`, and
         ``upper_bounds``, ``permutation_test`` and ``monte_carlo`` with
-        random negatives when requested.
+        random negatives when requested. Random negatives always add
+        ``power`` (:func:`~linkrisk.audit.stats.power_table`, K = 1, lifts 2 and 5).
     """
     negatives = tuple(negatives)
     _check_pools_and_ks(pools, ks)
@@ -104,7 +107,8 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
                 ", ".join(negatives))
     counts = stream_counts(design.queries, design.candidates, design.true_unit, candidate_unit=design.candidate_unit,
                            unit_positive=masks[0], unit_negative=masks[1], unit_labelled=masks[2],
-                           rings=fallback is not None, block_size=block_size, device=device)
+                           rings=fallback is not None, block_size=block_size, device=device,
+                           precision=precision, engine=engine)
     logger.info("rank counts finished in %.1f s", time.perf_counter() - started)
     results = []
     for kind in negatives:
@@ -114,6 +118,9 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
             continue
         result = {**facts, "negatives": "random", **audit_counts(counts.above, counts.equal, counts.n_candidates,
                                                                  design.query_patients, pools, ks, n_boot, seed, ties)}
+        sizes = [(pool, counts.n_candidates if pool == "full" else int(pool)) for pool in pools
+                 if pool == "full" or int(pool) < counts.n_candidates]
+        result["power"] = power_table(result["n_queries"], facts["n_patients"], sizes)
         if upper_level is not None:
             result["upper_bounds"] = recall_upper_bounds(counts.above, counts.equal, counts.n_candidates,
                                                          design.query_patients, pools, ks, n_boot, seed, ties,

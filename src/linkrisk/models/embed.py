@@ -48,7 +48,9 @@ from linkrisk import __version__
 from linkrisk._io import PRIVATE_FILE_MODE, atomic_write, make_private_dirs, write_json, write_npy
 from linkrisk._logging import logger, stage
 from linkrisk._progress import progress_bar
+from linkrisk._ray import check_engine, ray_cluster
 from linkrisk.data.cohort import PairedCohort
+from linkrisk.data.file_metadata import image_attribute_table
 from linkrisk.data.images import ImageReadError, read_image, to_8bit
 from linkrisk.errors import ConfigError, InputError
 from linkrisk.models.features import file_stamp, load_chunk, save_chunk
@@ -73,6 +75,11 @@ class EmbedConfig:
             at least twice the model's input size. This is faster, and the pixels differ
             slightly from the model's own preprocessing.
         progress: show progress bars with rates and remaining time.
+        engine: ``local`` (this process and its DataLoader workers) or ``ray``
+            (:mod:`linkrisk.models.ray_embed`; the cache and outputs are the same).
+        address: with ``ray``: ``local``/None (start a cluster for the run),
+            ``auto`` or ``ray://HOST:PORT`` (:func:`~linkrisk._ray.ray_cluster`).
+        actors: with ``ray``: encoder actors (0: one per GPU, or half the CPUs).
     """
 
     batch_size: int = 32
@@ -83,6 +90,9 @@ class EmbedConfig:
     precision: str = "fp32"
     fast_decode: bool = False
     progress: bool = True
+    engine: str = "local"
+    address: str | None = None
+    actors: int = 0
 
     def validate(self) -> "EmbedConfig":
         """Check ranges and the precision-device pairing; raise :class:`ConfigError` naming the option."""
@@ -91,6 +101,9 @@ class EmbedConfig:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}")
         if self.workers < 0:
             raise ConfigError(f"workers must be 0 or more, got {self.workers}")
+        if self.actors < 0:
+            raise ConfigError(f"actors must be 0 (automatic) or more, got {self.actors}")
+        check_engine(self.engine, self.address)
         if self.precision not in PRECISIONS:
             raise ConfigError(f"invalid precision {self.precision!r}; valid values: {', '.join(PRECISIONS)}")
         if self.precision != "fp32" and torch.device(self.device).type == "cpu":
@@ -223,7 +236,134 @@ def report_store(cohort: PairedCohort, folder: Path, key: str, chunk_size: int) 
     return _ChunkStore(folder, keys, [[ids[i] for i in chunk] for chunk in rows])
 
 
-def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
+class _DevicePrefetcher:
+    """Copy the next batch to the device on a side CUDA stream while the current one is encoded.
+
+    With pinned host memory (the DataLoader's ``pin_memory``) the copy runs
+    asynchronously and overlaps the forward pass; on other devices batches
+    pass through unchanged.
+    """
+
+    def __init__(self, loader, device: str):
+        self.loader, self.device = loader, torch.device(device)
+        self.stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+
+    def _copy(self, item):
+        indices, pixels, errors = item
+        if pixels is None:
+            return item
+        if self.stream is None:
+            return indices, pixels.to(self.device), errors
+        with torch.cuda.stream(self.stream):
+            return indices, pixels.to(self.device, non_blocking=True), errors
+
+    def __iter__(self):
+        waiting = None
+        for item in self.loader:
+            ready, waiting = waiting, self._copy(item)
+            if ready is not None:
+                yield self._ready(ready)
+        if waiting is not None:
+            yield self._ready(waiting)
+
+    def _ready(self, item):
+        if self.stream is not None and item[1] is not None:
+            torch.cuda.current_stream(self.device).wait_stream(self.stream)
+            item[1].record_stream(torch.cuda.current_stream(self.device))
+        return item
+
+
+class AdapterFactory:
+    """Build a model adapter from its registry name and local weights (in Ray actors); picklable.
+
+    Args:
+        name: adapter name (:func:`~linkrisk.models.adapters.load_adapter`).
+        weights: weights file or folder (made absolute, since workers may run elsewhere).
+        offline: set ``HF_HUB_OFFLINE=1`` in the worker before loading, as the CLI does without
+            ``--allow-download``; default: whether it is set in this process.
+    """
+
+    def __init__(self, name: str, weights: str | Path, offline: bool | None = None):
+        weights = str(weights)
+        self.name = name
+        self.weights = weights if weights.startswith("hf-hub:") else str(Path(weights).resolve())
+        self.offline = os.environ.get("HF_HUB_OFFLINE") == "1" if offline is None else offline
+
+    def __call__(self):
+        from linkrisk.models.adapters import load_adapter
+
+        if self.offline:
+            os.environ["HF_HUB_OFFLINE"] = "1"
+            os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        return load_adapter(self.name, self.weights, allow_download=not self.offline)
+
+
+class _SameAdapter:
+    """Factory returning an adapter object that was pickled as it is (for adapters not built by name)."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def __call__(self):
+        return self.adapter
+
+
+@contextlib.contextmanager
+def _image_batches(adapter, dataset: _ImageFiles, batches: list[list[int]], config: EmbedConfig, factory=None):
+    """Yield an iterator of ``(indices, features or None, errors)`` per batch, from the configured engine."""
+    if config.engine == "ray":
+        from linkrisk.models.ray_embed import ray_image_batches
+
+        with ray_cluster(config.address) as ray:
+            yield ray_image_batches(ray, factory or _SameAdapter(adapter), dataset, batches, config.device,
+                                    config.precision, config.actors)
+        return
+    workers = min(config.workers, os.cpu_count() or 1)
+    if workers < config.workers:
+        logger.warning("%d DataLoader workers requested on %d CPUs; using %d", config.workers, os.cpu_count(), workers)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
+                        worker_init_fn=_worker_init if workers else None,
+                        pin_memory=torch.device(config.device).type == "cuda")
+
+    def encoded():
+        for indices, pixels, errors in _DevicePrefetcher(loader, config.device):
+            features = None
+            if pixels is not None:
+                with _autocast(config.device, config.precision):
+                    features = adapter.encode_image_features(pixels).float().cpu().numpy()
+            yield indices, features, errors
+
+    yield encoded()
+
+
+@contextlib.contextmanager
+def _report_batches(adapter, texts: list[str], batches: list[range], config: EmbedConfig, factory=None):
+    """Yield an iterator of ``(first row, features)`` per report batch, from the configured engine."""
+    if config.engine == "ray":
+        from linkrisk.models.ray_embed import ray_report_batches
+
+        with ray_cluster(config.address) as ray:
+            def collected():
+                truncated = 0
+                for start, features, cut in ray_report_batches(ray, factory or _SameAdapter(adapter), texts, batches,
+                                                               config.device, config.precision, config.actors):
+                    truncated += cut
+                    yield start, features
+                if truncated and hasattr(adapter, "_truncated"):
+                    adapter._truncated += truncated
+            yield collected()
+        return
+
+    def encoded():
+        for batch in batches:
+            with _autocast(config.device, config.precision):
+                yield batch.start, adapter.encode_text_features(texts[batch.start:batch.stop]).float().cpu().numpy()
+
+    yield encoded()
+
+
+def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig,
+                  factory=None) -> tuple[list, dict]:
     chunks = _chunks(cohort.n_images, config.chunk_size)
     stored = [store.load(i) for i in range(len(chunks))]
     # A chunk with an unreadable image is computed again: the failure may have been transient.
@@ -236,31 +376,23 @@ def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: Emb
     if not missing:
         return stored, {"total": len(chunks), "reused": len(chunks), "computed": 0}
 
-    workers = min(config.workers, os.cpu_count() or 1)
-    if workers < config.workers:
-        logger.warning("%d DataLoader workers requested on %d CPUs; using %d", config.workers, os.cpu_count(), workers)
     batches = [list(chunks[i][start:start + config.batch_size])
                for i in missing for start in range(0, len(chunks[i]), config.batch_size)]
     dataset = _ImageFiles(cohort.images["image_path"].tolist(), adapter.preprocess,
                           getattr(adapter, "accepts_float_images", False),
                           2 * _input_size(adapter) if config.fast_decode else None)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=workers, collate_fn=_collate,
-                        worker_init_fn=_worker_init if workers else None,
-                        pin_memory=torch.device(config.device).type == "cuda")
-    pending = {i: {"features": [], "ok": np.zeros(len(chunks[i]), bool), "errors": [""] * len(chunks[i]),
+    pending = {i: {"features": {}, "ok": np.zeros(len(chunks[i]), bool), "errors": [""] * len(chunks[i]),
                    "left": len(chunks[i])} for i in missing}
     chunk_of = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
 
-    with progress_bar(config.progress, "images") as bar:
+    with progress_bar(config.progress, "images") as bar, _image_batches(adapter, dataset, batches, config, factory) as results:
         task = bar.add_task(f"{cohort.name}: image features", total=sum(len(chunks[i]) for i in missing))
-        for indices, pixels, errors in loader:
+        for indices, features, errors in results:
             chunk = int(chunk_of[indices[0]])
             state = pending[chunk]
             offsets = [index - chunks[chunk].start for index in indices]
-            if pixels is not None:
-                with _autocast(config.device, config.precision):
-                    features = adapter.encode_image_features(pixels.to(config.device, non_blocking=True))
-                state["features"].append(features.float().cpu().numpy())
+            if features is not None:
+                state["features"][offsets[0]] = features
             for offset, error in zip(offsets, errors):
                 state["ok"][offset] = not error
                 state["errors"][offset] = error
@@ -268,7 +400,7 @@ def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: Emb
             if state["left"] == 0:
                 arrays = {"ok": state["ok"], "errors": np.asarray(state["errors"], dtype=str)}
                 if state["features"]:
-                    arrays["features"] = np.concatenate(state["features"])
+                    arrays["features"] = np.concatenate([state["features"][k] for k in sorted(state["features"])])
                 store.save(chunk, arrays)
                 stored[chunk] = arrays
                 del pending[chunk]
@@ -276,24 +408,30 @@ def _embed_images(adapter, cohort: PairedCohort, store: _ChunkStore, config: Emb
     return stored, {"total": len(chunks), "reused": len(chunks) - len(missing), "computed": len(missing)}
 
 
-def _embed_reports(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig) -> tuple[list, dict]:
+def _embed_reports(adapter, cohort: PairedCohort, store: _ChunkStore, config: EmbedConfig,
+                   factory=None) -> tuple[list, dict]:
     texts = cohort.reports["text"].tolist()
     chunks = _chunks(len(texts), config.chunk_size)
     stored = [store.load(i) for i in range(len(chunks))]
     missing = [i for i, chunk in enumerate(stored) if chunk is None]
     logger.info("report features: %d chunks, %d reused from %s, %d to compute", len(chunks),
                 len(chunks) - len(missing), store.folder, len(missing))
-    with progress_bar(config.progress and bool(missing), "reports") as bar:
+    batches = [range(start, min(start + config.text_batch_size, chunks[i].stop))
+               for i in missing for start in range(chunks[i].start, chunks[i].stop, config.text_batch_size)]
+    pending = {i: {"parts": {}, "left": len(chunks[i])} for i in missing}
+    chunk_of = np.repeat(np.arange(len(chunks)), [len(c) for c in chunks])
+    with progress_bar(config.progress and bool(missing), "reports") as bar, \
+            _report_batches(adapter, texts, batches, config, factory) as results:
         task = bar.add_task(f"{cohort.name}: report features", total=sum(len(chunks[i]) for i in missing))
-        for i in missing:
-            parts = []
-            for start in range(chunks[i].start, chunks[i].stop, config.text_batch_size):
-                batch = texts[start:min(start + config.text_batch_size, chunks[i].stop)]
-                with _autocast(config.device, config.precision):
-                    parts.append(adapter.encode_text_features(batch).float().cpu().numpy())
-                bar.advance(task, len(batch))
-            stored[i] = {"features": np.concatenate(parts)}
-            store.save(i, stored[i])
+        for start, features in results:
+            i = int(chunk_of[start])
+            pending[i]["parts"][start] = features
+            pending[i]["left"] -= len(features)
+            if pending[i]["left"] == 0:
+                parts = pending.pop(i)["parts"]
+                stored[i] = {"features": np.concatenate([parts[k] for k in sorted(parts)])}
+                store.save(i, stored[i])
+            bar.advance(task, len(features))
     adapter.warn_truncated()
     return stored, {"total": len(chunks), "reused": len(chunks) - len(missing), "computed": len(missing)}
 
@@ -371,7 +509,11 @@ def _write_outputs(out: Path, cohort: PairedCohort, image_features: np.ndarray, 
     (out / "embed.json").unlink(missing_ok=True)
     write_npy(out / "image_features.npy", image_features)
     write_npy(out / "report_features.npy", report_features)
-    images = cohort.images[["image_id", "study_id", "patient_id", "report_id", "view"]]
+    # Ids plus the attribute columns (view, sex, age band, site, source where the dataset has them) and the
+    # file metadata read from headers, for attribute-matched pools and the attribute oracle.
+    attributes = image_attribute_table(cohort.images)
+    images = pd.concat([cohort.images[["image_id", "study_id", "patient_id", "report_id"]].reset_index(drop=True),
+                        attributes], axis=1)
     atomic_write(out / "images.parquet", lambda tmp: images.to_parquet(tmp, index=False))
     reports = cohort.reports[["report_id", *cohort.label_names]]
     atomic_write(out / "reports.parquet", lambda tmp: reports.to_parquet(tmp, index=False))
@@ -414,7 +556,7 @@ def _remove_stale_temp_files(out: Path) -> None:
 
 
 def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedConfig | None = None,
-                 model: dict | None = None) -> dict:
+                 model: dict | None = None, adapter_factory=None) -> dict:
     """Embed every image and report of ``cohort`` with ``adapter`` into the folder ``out``.
 
     Args:
@@ -424,6 +566,9 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
         out: output folder (created); ``out/cache`` contains the resumable chunks.
         config: batch sizes, chunk size, workers, device and precision.
         model: model name, weights path and ``weights_sha256`` for the cache key and ``embed.json``.
+        adapter_factory: with the ``ray`` engine, a picklable callable that builds the adapter in
+            each encoder actor. Default: :class:`AdapterFactory` from ``model``'s ``model`` and
+            ``weights``, or else ``adapter`` itself, pickled.
 
     Returns:
         The summary written to ``out/embed.json``: model, dataset, counts, chunks reused and computed, timings.
@@ -431,10 +576,19 @@ def embed_cohort(adapter, cohort: PairedCohort, out: str | Path, config: EmbedCo
     out = Path(out)
     with _locked(out):
         _remove_stale_temp_files(out)
-        return _embed_locked(adapter, cohort, out, (config or EmbedConfig()).validate(), dict(model or {}))
+        config = (config or EmbedConfig()).validate()
+        model = dict(model or {})
+        if adapter_factory is None and model.get("model") and model.get("weights"):
+            adapter_factory = AdapterFactory(model["model"], model["weights"])
+        # One cluster serves both towers: the image and report steps join it instead of starting their own.
+        cluster = ray_cluster(config.address) if config.engine == "ray" and not isinstance(
+            adapter, PrecomputedAdapter) else contextlib.nullcontext()
+        with cluster:
+            return _embed_locked(adapter, cohort, out, config, model, adapter_factory)
 
 
-def _embed_locked(adapter, cohort: PairedCohort, out: Path, config: EmbedConfig, model: dict) -> dict:
+def _embed_locked(adapter, cohort: PairedCohort, out: Path, config: EmbedConfig, model: dict,
+                  factory=None) -> dict:
     started = datetime.datetime.now(datetime.timezone.utc)
     clock = time.perf_counter()
     cohort.validate()
@@ -450,11 +604,11 @@ def _embed_locked(adapter, cohort: PairedCohort, out: Path, config: EmbedConfig,
         _move(adapter, config.device)
         with stage(f"{cohort.name}: image features ({cohort.n_images} images)"):
             store = image_store(cohort, cache / "images", key, config.chunk_size)
-            stored, image_chunks = _embed_images(adapter, cohort, store, config)
+            stored, image_chunks = _embed_images(adapter, cohort, store, config, factory)
             image_features, cohort, skipped = _assemble_images(stored, cohort)
         with stage(f"{cohort.name}: report features ({cohort.n_reports} reports)"):
             store = report_store(cohort, cache / "reports", key, config.chunk_size)
-            stored, report_chunks = _embed_reports(adapter, cohort, store, config)
+            stored, report_chunks = _embed_reports(adapter, cohort, store, config, factory)
             report_features = np.concatenate([chunk["features"] for chunk in stored])
         chunks = {"images": image_chunks, "reports": report_chunks}
 
@@ -484,4 +638,4 @@ def iter_chunk_files(out: str | Path) -> Iterator[Path]:
     yield from (p for p in Path(out, "cache").rglob("*.npz") if not p.name.startswith("."))
 
 
-__all__ = ["EmbedConfig", "PRECISIONS", "embed_cohort", "hash_weights", "iter_chunk_files", "model_key"]
+__all__ = ["AdapterFactory", "EmbedConfig", "PRECISIONS", "embed_cohort", "hash_weights", "iter_chunk_files", "model_key"]

@@ -1,0 +1,90 @@
+"""Connect to (or start) a Ray cluster for the ``ray`` engines; Ray is the optional extra ``linkrisk[ray]``.
+
+Addresses: ``local`` (or none) starts a private cluster inside this process
+for the length of one run, ``auto`` joins the cluster that ``ray start``
+started on this machine, and ``ray://HOST:PORT`` goes through Ray Client.
+A cluster that this process already joined (``ray.init`` called by the
+user) is used as it is and left running.
+
+Ray's usage statistics are turned off (``RAY_USAGE_STATS_ENABLED=0``)
+unless the user set that variable, so no run reports to Ray's servers.
+Data sent to workers (decoded pixels, report text, embeddings) travels
+through Ray's object store: on a multi-node cluster it crosses the
+network between the nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+
+from linkrisk._logging import logger
+from linkrisk.errors import ConfigError, InputError
+
+ENGINES = ("local", "ray")
+LOCAL_ADDRESSES = (None, "", "local")
+
+
+def import_ray():
+    """Import Ray with usage statistics off; raise :class:`ConfigError` saying how to install it."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+        import ray.data  # noqa: F401  (the embedding engine needs Ray Data)
+    except ImportError as err:
+        raise ConfigError("the ray engine needs Ray and Ray Data; install them with: pip install 'linkrisk[ray]'") \
+            from err
+    return ray
+
+
+def check_engine(engine: str, address: str | None) -> None:
+    """Reject an unknown engine, or an address given to the local engine."""
+    if engine not in ENGINES:
+        raise ConfigError(f"unknown engine {engine!r}; valid values: {', '.join(ENGINES)}")
+    if engine == "local" and address not in LOCAL_ADDRESSES:
+        raise ConfigError(f"an address ({address!r}) was given with the local engine; pass --engine ray to use it")
+
+
+@contextlib.contextmanager
+def ray_cluster(address: str | None = None, num_cpus: int | None = None):
+    """Yield the ``ray`` module connected to a cluster (see the module docstring for ``address``).
+
+    Args:
+        address: ``local``/None, ``auto`` or ``ray://HOST:PORT``.
+        num_cpus: CPUs of a local cluster (default: all of this machine's).
+    """
+    ray = import_ray()
+    if ray.is_initialized():
+        logger.info("using the Ray cluster this process already joined (%s CPUs)",
+                    ray.cluster_resources().get("CPU", 0))
+        yield ray
+        return
+    options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    if address in LOCAL_ADDRESSES:
+        options["num_cpus"] = num_cpus or os.cpu_count() or 1
+        logger.info("starting a local Ray cluster with %d CPUs", options["num_cpus"])
+    else:
+        options["address"] = address
+        logger.info("connecting to the Ray cluster at %s", address)
+    try:
+        ray.init(**options)
+    except ConnectionError as err:
+        raise InputError(f"could not reach a Ray cluster at {address!r} ({err}); start one with `ray start --head`, "
+                         "or pass --address local to start one inside this run") from err
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    try:
+        resources = ray.cluster_resources()
+        logger.info("Ray cluster ready: %s CPUs, %s GPUs", resources.get("CPU", 0), resources.get("GPU", 0))
+        yield ray
+    finally:
+        ray.shutdown()
+        logger.info("Ray cluster %s", "stopped" if address in LOCAL_ADDRESSES else "disconnected")
+
+
+def unwrap_task_error(err: BaseException) -> BaseException:
+    """Return the exception a Ray task raised (Ray wraps it in ``RayTaskError``), or ``err`` itself."""
+    cause = getattr(err, "cause", None)
+    return cause if isinstance(cause, BaseException) else err

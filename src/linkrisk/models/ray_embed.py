@@ -1,0 +1,169 @@
+"""The ``ray`` engine of the embedding run: decoding as Ray tasks, encoders in Ray Data actor pools.
+
+:func:`~linkrisk.models.embed.embed_cohort` with ``engine="ray"`` hands the
+batches still missing from the cache to this module. Each model batch
+(the same rows the local engine would put in it, so batches never
+straddle cache chunks) becomes one row of a Ray dataset:
+
+1. ``map`` decodes and preprocesses the batch's images in CPU tasks
+   (kept apart from the encoders, so decoding scales with the cluster's
+   CPUs);
+2. ``map_batches`` runs the frozen image tower in an actor pool, one
+   actor per GPU (or per two CPUs without GPUs); each actor loads the
+   model once;
+3. the driver receives each batch's features as it finishes and the
+   caller writes every completed chunk to the same content-addressed
+   cache the local engine uses, so a killed run resumes with either
+   engine and later steps cannot tell how the features were made.
+
+Reports go the same way without the decoding step. Arrays cross the
+object store as raw bytes with their shape and dtype.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+
+from linkrisk._logging import logger
+from linkrisk._ray import unwrap_task_error
+
+
+def _pack(array: np.ndarray) -> dict:
+    array = np.ascontiguousarray(array)
+    return {"data": array.tobytes(), "shape": json.dumps(list(array.shape)), "dtype": array.dtype.str}
+
+
+def _unpack(row: dict, prefix: str) -> np.ndarray:
+    shape = json.loads(row[f"{prefix}_shape"])
+    return np.frombuffer(row[f"{prefix}_data"], dtype=np.dtype(row[f"{prefix}_dtype"])).reshape(shape).copy()
+
+
+class _DecodeBatch:
+    """Decode and preprocess the images of one batch row (runs in Ray tasks)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __call__(self, row: dict) -> dict:
+        indices = json.loads(row["indices"])
+        tensors, errors = [], []
+        for index in indices:
+            _, tensor, error = self.dataset[index]
+            errors.append(error)
+            if tensor is not None:
+                tensors.append(tensor.numpy())
+        pixels = np.stack(tensors) if tensors else np.zeros((0,), np.float32)
+        packed = _pack(pixels)
+        return {"indices": row["indices"], "errors": json.dumps(errors), "pixels_data": packed["data"],
+                "pixels_shape": packed["shape"], "pixels_dtype": packed["dtype"]}
+
+
+class _Encoder:
+    """One Ray Data actor: loads the model once and encodes batch rows (images or reports)."""
+
+    def __init__(self, factory: Callable, side: str, device: str, precision: str, threads: int):
+        from linkrisk.models.embed import _autocast, _move
+
+        torch.set_num_threads(max(1, threads))
+        self.adapter = factory()
+        _move(self.adapter, device)
+        self.side, self.device, self.precision = side, device, precision
+        self._autocast = _autocast
+
+    def __call__(self, batch: dict) -> dict:
+        out = {key: [] for key in ("indices", "errors", "features_data", "features_shape", "features_dtype",
+                                   "truncated")}
+        for i in range(len(batch["indices"])):
+            row = {key: batch[key][i] for key in batch}
+            before = getattr(self.adapter, "_truncated", 0)
+            with torch.inference_mode(), self._autocast(self.device, self.precision):
+                if self.side == "images":
+                    pixels = _unpack(row, "pixels")
+                    features = (self.adapter.encode_image_features(torch.from_numpy(pixels).to(self.device))
+                                if len(pixels) else None)
+                else:
+                    features = self.adapter.encode_text_features(json.loads(row["texts"]))
+            array = features.float().cpu().numpy() if features is not None else np.zeros((0,), np.float32)
+            packed = _pack(array)
+            out["indices"].append(row["indices"])
+            out["errors"].append(row.get("errors", "[]"))
+            out["features_data"].append(packed["data"])
+            out["features_shape"].append(packed["shape"])
+            out["features_dtype"].append(packed["dtype"])
+            out["truncated"].append(int(getattr(self.adapter, "_truncated", 0) - before))
+        return {key: np.asarray(values, dtype=object) if key != "truncated" else np.asarray(values)
+                for key, values in out.items()}
+
+
+def _actor_plan(ray, device: str, actors: int) -> tuple[int, dict]:
+    """Number of encoder actors and the resources of each."""
+    resources = ray.cluster_resources()
+    if torch.device(device).type == "cuda":
+        gpus = int(resources.get("GPU", 0))
+        if gpus < 1:
+            raise RuntimeError(f"device {device} was requested but the Ray cluster has no GPU")
+        return (actors or gpus), {"num_gpus": 1, "num_cpus": 1}
+    cpus = int(resources.get("CPU", 1))
+    count = actors or max(1, cpus // 2)
+    return count, {"num_cpus": max(1, min(cpus - 1, cpus // count) if cpus > 1 else 1)}
+
+
+def _rows(ray, dataset, what: str) -> Iterator[dict]:
+    try:
+        yield from dataset.iter_rows()
+    except Exception as err:  # Ray wraps errors raised inside tasks and actors
+        cause = unwrap_task_error(err)
+        if cause is err:
+            raise
+        raise cause from None
+
+
+def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[int]], device: str,
+                      precision: str, actors: int = 0) -> Iterator[tuple[list[int], np.ndarray | None, list[str]]]:
+    """Yield ``(indices, features or None, errors)`` per image batch, in completion order.
+
+    Args:
+        ray: the connected ``ray`` module (:func:`~linkrisk._ray.ray_cluster`).
+        factory: builds the model adapter inside each actor.
+        image_dataset: the local engine's decoding dataset (picklable).
+        batches: row indices of each model batch.
+        device, precision: as in :class:`~linkrisk.models.embed.EmbedConfig`.
+        actors: encoder actors (0: one per GPU, or half the CPUs).
+    """
+    count, resources = _actor_plan(ray, device, actors)
+    logger.info("ray engine: %d image batches, decoding in CPU tasks, %d encoder actors (%s each)", len(batches),
+                count, ", ".join(f"{key.removeprefix('num_')} {value}" for key, value in resources.items()))
+    items = [{"indices": json.dumps([int(i) for i in batch])} for batch in batches]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    # Decoding tasks are retried if a worker dies; their options differ from the actors', which also keeps
+    # Ray Data from fusing decoding into the encoder actors.
+    dataset = dataset.map(_DecodeBatch(image_dataset), num_cpus=1, max_retries=3)
+    dataset = dataset.map_batches(_Encoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=count),
+                                  fn_constructor_kwargs={"factory": factory, "side": "images", "device": device,
+                                                         "precision": precision,
+                                                         "threads": int(resources.get("num_cpus", 1))},
+                                  **resources)
+    for row in _rows(ray, dataset, "images"):
+        features = _unpack(row, "features")
+        yield json.loads(row["indices"]), (features if features.ndim > 1 else None), json.loads(row["errors"])
+
+
+def ray_report_batches(ray, factory: Callable, texts: list[str], batches: list[range], device: str,
+                       precision: str, actors: int = 0) -> Iterator[tuple[int, np.ndarray, int]]:
+    """Yield ``(first row, features, reports truncated)`` per report batch, in completion order."""
+    count, resources = _actor_plan(ray, device, actors)
+    logger.info("ray engine: %d report batches, %d encoder actors", len(batches), count)
+    items = [{"indices": json.dumps([batch.start, batch.stop]), "texts": json.dumps(texts[batch.start:batch.stop])}
+             for batch in batches]
+    dataset = ray.data.from_items(items, override_num_blocks=len(items))
+    dataset = dataset.map_batches(_Encoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=count),
+                                  fn_constructor_kwargs={"factory": factory, "side": "reports", "device": device,
+                                                         "precision": precision,
+                                                         "threads": int(resources.get("num_cpus", 1))},
+                                  **resources)
+    for row in _rows(ray, dataset, "reports"):
+        yield json.loads(row["indices"])[0], _unpack(row, "features"), int(row["truncated"])
