@@ -385,8 +385,8 @@ def bootstrap_upper_bound(values: np.ndarray, groups: np.ndarray, n_boot: int = 
 
 
 def studentized_upper_bound(values: np.ndarray, groups: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                            level: float = 0.95) -> float:
-    """One-sided studentized (bootstrap-t) upper bound of the mean of ``values`` ``[Q]``, resampling patients.
+                            level: float = 0.95) -> float | np.ndarray:
+    """One-sided studentized (bootstrap-t) upper bound of the mean of ``values``, resampling patients.
 
     The mean is a ratio of patient sums to patient sizes. Its standard
     error is the linearised (delta-method) cluster estimate
@@ -395,6 +395,14 @@ def studentized_upper_bound(values: np.ndarray, groups: np.ndarray, n_boot: int 
     bound is ``mean - quantile(t, 1 - level) * se``. A resample with
     ``se_b = 0`` gets ``t_b = 0`` when its mean equals the sample's and
     ``-inf`` or ``+inf`` otherwise. Returns the mean itself when ``se = 0``.
+
+    Args:
+        values: ``[Q]`` per-query values, or ``[F, Q]`` for ``F`` figures
+            bounded from the same patient resamples in one pass.
+        groups: ``[Q]`` patient of each query.
+
+    Returns:
+        A float for ``[Q]`` values, else ``[F]`` float64.
     """
     if not 0.0 < level < 1.0:
         raise ConfigError(f"the confidence level must lie strictly between 0 and 1, got {level}")
@@ -402,40 +410,45 @@ def studentized_upper_bound(values: np.ndarray, groups: np.ndarray, n_boot: int 
         raise ConfigError(f"the number of bootstrap resamples must be at least 1, got {n_boot}")
     values = np.asarray(values, dtype=np.float64)
     groups = np.asarray(groups)
-    if values.ndim != 1 or len(groups) != len(values) or len(values) == 0:
+    single = values.ndim == 1
+    values = np.atleast_2d(values)
+    if values.ndim != 2 or len(groups) != values.shape[1] or values.shape[1] == 0:
         raise InputError(f"need one group label per value and at least one value, got {values.shape} values and "
                          f"{groups.shape} groups")
     _, group_index = np.unique(groups, return_inverse=True)
     group_index = group_index.reshape(-1)
     n_groups = int(group_index.max()) + 1
-    sums = np.bincount(group_index, weights=values, minlength=n_groups)
+    sums = np.stack([np.bincount(group_index, weights=row, minlength=n_groups) for row in values], axis=1)  # [G, F]
     sizes = np.bincount(group_index, minlength=n_groups).astype(np.float64)
     if n_groups < 2:
-        return float(values.mean())
+        means = values.mean(axis=1)
+        return float(means[0]) if single else means
 
     def mean_and_se(times: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        total = times @ sizes
+        """``[B, G]`` patient multiplicities -> means and standard errors ``[B, F]``."""
+        total = (times @ sizes)[:, None]
         mean = (times @ sums) / total
-        squares = times @ sums**2 - 2 * mean * (times @ (sums * sizes)) + mean**2 * (times @ sizes**2)
+        squares = times @ sums**2 - 2 * mean * (times @ (sums * sizes[:, None])) + mean**2 * (times @ sizes**2)[:, None]
         return mean, np.sqrt(np.maximum(squares, 0.0) * n_groups / (n_groups - 1)) / total
 
-    mean, se = (float(v[0]) for v in mean_and_se(np.ones((1, n_groups))))
-    if se == 0.0:
-        return mean
+    mean, se = (v[0] for v in mean_and_se(np.ones((1, n_groups))))
     rng = np.random.default_rng(seed)
-    t_values = np.empty(n_boot)
+    t_values = np.empty((n_boot, values.shape[0]))
     for start in range(0, n_boot, _BOOT_CHUNK):
         size = min(_BOOT_CHUNK, n_boot - start)
         drawn = rng.integers(0, n_groups, size=(size, n_groups))
-        times = np.stack([np.bincount(row, minlength=n_groups) for row in drawn]).astype(np.float64)
-        boot_mean, boot_se = mean_and_se(times)
+        offsets = np.arange(size)[:, None] * n_groups
+        times = np.bincount((drawn + offsets).ravel(), minlength=size * n_groups).reshape(size, n_groups)
+        boot_mean, boot_se = mean_and_se(times.astype(np.float64))
         difference = boot_mean - mean
         with np.errstate(divide="ignore", invalid="ignore"):
             t_chunk = difference / boot_se
         degenerate = boot_se == 0.0
         t_chunk[degenerate] = np.where(difference[degenerate] == 0.0, 0.0, np.copysign(np.inf, difference[degenerate]))
         t_values[start:start + size] = t_chunk
-    return float(mean - np.quantile(t_values, 1.0 - level, method="lower") * se)
+    bounds = mean - np.quantile(t_values, 1.0 - level, method="lower", axis=0) * se
+    bounds = np.where(se == 0.0, mean, bounds)
+    return float(bounds[0]) if single else bounds
 
 
 def clopper_pearson_upper(hits: int, n: int, level: float = 0.95) -> float:
@@ -488,12 +501,13 @@ def recall_upper_bounds(above: np.ndarray, equal: np.ndarray, n_candidates: int,
     if not entries:
         raise ConfigError(f"no pool size N and cut-off K with K < N among pools {list(pools)} and K {list(ks)}")
     percentile = np.atleast_1d(bootstrap_upper_bound(np.stack(per_query), patient_ids, n_boot, seed, level))
+    studentized = studentized_upper_bound(np.stack(per_query), patient_ids, n_boot, seed, level)
 
     results = []
-    for (label, size, k), values, percentile_upper in zip(entries, per_query, percentile):
+    for (label, size, k), values, percentile_upper, studentized_upper in zip(entries, per_query, percentile,
+                                                                            studentized):
         chance = k / size
-        bounds = {"percentile": float(percentile_upper),
-                  "studentized": studentized_upper_bound(values, patient_ids, n_boot, seed, level)}
+        bounds = {"percentile": float(percentile_upper), "studentized": float(studentized_upper)}
         exact = None
         if label == "full" and k == 1 and np.isin(values, (0.0, 1.0)).all():
             exact = clopper_pearson_upper(int(values.sum()), len(values), level)
