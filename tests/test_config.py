@@ -75,6 +75,12 @@ BAD_CONFIGS = [
     (_minimal(run={"out": "o", "n_boot": 0}), "run.n_boot: 0 is below the minimum 1"),
     (_minimal(run={"out": "o", "n_boot": "many"}), "run.n_boot: invalid value 'many'; expected an integer"),
     (_minimal(run={"out": "o", "quiet": 1}), "run.quiet: invalid value 1; expected true or false"),
+    (_minimal(run={"out": "o", "engine": "spark"}), "run.engine: invalid value 'spark'; allowed values: local, ray"),
+    (_minimal(run={"out": "o", "address": "auto"}), "run.address is 'auto' but run.engine is \"local\""),
+    (_minimal(audit={"precision": "fp8"}), "audit.precision: invalid value 'fp8'; allowed values: fp32, bf16, fp16"),
+    (_minimal(audit={"block_size": 0}), "audit.block_size: 0 is below the minimum 1"),
+    (_minimal(models=[{"name": "m", "adapter": "reference", "weights": "w", "actors": -1}]),
+     "models[0].actors: -1 is below the minimum 0"),
     (_minimal(audit={"ties": "best"}), "audit.ties: invalid value 'best'; allowed values: random, optimistic, "
                                        "pessimistic"),
     (_minimal(audit={"pools": [10, 1]}), "audit.pools[1]: invalid value 1; expected an integer of at least 2"),
@@ -405,3 +411,39 @@ def test_docs_key_reference_current():
     docs = Path(__file__).resolve().parents[1] / "docs" / "config.md"
     assert docs.read_text(encoding="utf-8") == reference_markdown(), \
         "docs/config.md is out of date; regenerate it from linkrisk.config.reference_markdown()"
+
+
+def test_config_run_on_ray_engine(config_run, tmp_path):
+    """run.engine = "ray": missing chunks are embedded by Ray actors and the audits equal the local run's."""
+    import shutil
+
+    pytest.importorskip("ray")
+    folder, results = config_run
+    shutil.copytree(folder / "out" / "embeddings", tmp_path / "out" / "embeddings")
+    chunks = sorted((tmp_path / "out" / "embeddings" / "reference" / "covid" / "cache").rglob("*.npz"))
+    for path in chunks[::3]:
+        path.unlink()
+    text = (folder / "run.toml").read_text()
+    text = text.replace("[run]\n", "[run]\nengine = \"ray\"\n", 1).split("[mitigation]")[0]
+    (tmp_path / "run.toml").write_text(text)
+
+    result = runner.invoke(app, ["run", str(tmp_path / "run.toml"), "--quiet"])
+    assert result.exit_code == 0, result.output
+    again = json.loads((tmp_path / "out" / "results.json").read_text())
+    summary = json.loads((tmp_path / "out" / "embeddings" / "reference" / "covid" / "embed.json").read_text())
+    assert summary["config"]["engine"] == "ray"
+    assert summary["chunks"]["images"]["computed"] + summary["chunks"]["reports"]["computed"] == len(chunks[::3])
+    for name in ("image.npy", "report.npy"):
+        reference = folder / "out" / "embeddings" / "reference" / "covid" / name
+        assert (tmp_path / "out" / "embeddings" / "reference" / "covid" / name).read_bytes() == \
+            reference.read_bytes()
+
+    def audits(entries):
+        kept = []
+        for entry in strip_timing(entries):
+            assert entry["scoring"]["precision"] == "fp32"
+            kept.append({**entry, "scoring": {**entry["scoring"], "engine": None}})
+        return kept
+
+    assert [entry["scoring"]["engine"] for entry in again["runs"]] == ["ray"] * len(again["runs"])
+    assert audits(again["runs"]) == audits(results["runs"])

@@ -352,6 +352,9 @@ def resolve(raw: dict[str, Any], base: Path = Path(".")) -> dict[str, Any]:
     if "mitigation" in raw:
         config["mitigation"] = _resolve_table("mitigation", raw["mitigation"], SCHEMA["mitigation"], base)
     _check_references(config)
+    if config["run"]["engine"] == "local" and config["run"]["address"] not in (None, "", "local"):
+        raise ConfigError(f"run.address is {config['run']['address']!r} but run.engine is \"local\"; set "
+                          "run.engine = \"ray\" to use a Ray cluster, or remove run.address")
     return config
 
 

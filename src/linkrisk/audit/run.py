@@ -110,6 +110,8 @@ def run_audits(design: AuditDesign, pools: list[int | str] = (10, 100, 1000, "fu
                            rings=fallback is not None, block_size=block_size, device=device,
                            precision=precision, engine=engine)
     logger.info("rank counts finished in %.1f s", time.perf_counter() - started)
+    facts["scoring"] = {"precision": precision, "engine": getattr(engine, "name", "local"),
+                        "rescored_pairs": int(counts.rescored)}
     results = []
     for kind in negatives:
         if kind == "label_matched":

@@ -236,6 +236,7 @@ def report_store(cohort: PairedCohort, folder: Path, key: str, chunk_size: int) 
     return _ChunkStore(folder, keys, [[ids[i] for i in chunk] for chunk in rows])
 
 
+# NOTE: the CUDA copy stream below has not run on a GPU in the tests (CPU only); on CPU batches pass through.
 class _DevicePrefetcher:
     """Copy the next batch to the device on a side CUDA stream while the current one is encoded.
 

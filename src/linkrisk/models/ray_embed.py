@@ -8,8 +8,8 @@ straddle cache chunks) becomes one row of a Ray dataset:
 1. ``map`` decodes and preprocesses the batch's images in CPU tasks
    (kept apart from the encoders, so decoding scales with the cluster's
    CPUs);
-2. ``map_batches`` runs the frozen image tower in an actor pool, one
-   actor per GPU (or per two CPUs without GPUs); each actor loads the
+2. ``map_batches`` runs the frozen image tower in an actor pool, with
+   one actor per GPU (or per two CPUs without GPUs). Each actor loads the
    model once;
 3. the driver receives each batch's features as it finishes and the
    caller writes every completed chunk to the same content-addressed
@@ -112,7 +112,8 @@ def _actor_plan(ray, device: str, actors: int) -> tuple[int, dict]:
     return count, {"num_cpus": max(1, min(cpus - 1, cpus // count) if cpus > 1 else 1)}
 
 
-def _rows(ray, dataset, what: str) -> Iterator[dict]:
+def _rows(dataset) -> Iterator[dict]:
+    """Yield the dataset's output rows, re-raising an error from a task or actor as the original exception."""
     try:
         yield from dataset.iter_rows()
     except Exception as err:  # Ray wraps errors raised inside tasks and actors
@@ -147,7 +148,7 @@ def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[
                                                          "precision": precision,
                                                          "threads": int(resources.get("num_cpus", 1))},
                                   **resources)
-    for row in _rows(ray, dataset, "images"):
+    for row in _rows(dataset):
         features = _unpack(row, "features")
         yield json.loads(row["indices"]), (features if features.ndim > 1 else None), json.loads(row["errors"])
 
@@ -165,5 +166,5 @@ def ray_report_batches(ray, factory: Callable, texts: list[str], batches: list[r
                                                          "precision": precision,
                                                          "threads": int(resources.get("num_cpus", 1))},
                                   **resources)
-    for row in _rows(ray, dataset, "reports"):
+    for row in _rows(dataset):
         yield json.loads(row["indices"])[0], _unpack(row, "features"), int(row["truncated"])
