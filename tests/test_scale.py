@@ -21,7 +21,7 @@ from linkrisk.audit.ranks import (
     score_error_bound,
     stream_counts,
 )
-from linkrisk.errors import ConfigError
+from linkrisk.errors import ConfigError, EngineError, InputError
 from linkrisk.models.embed import AdapterFactory, EmbedConfig, embed_cohort, hash_weights
 
 ray = pytest.importorskip("ray", reason="the ray extra is part of the test install")
@@ -31,7 +31,6 @@ FAST = {"chunk_size": 64, "batch_size": 16, "text_batch_size": 32, "workers": 0,
 
 def test_unreachable_cluster_is_named(monkeypatch):
     from linkrisk._ray import ray_cluster
-    from linkrisk.errors import InputError
 
     if ray.is_initialized():
         pytest.skip("a cluster is already joined in this process")
@@ -166,6 +165,39 @@ def test_ray_counts_equal_local_on_units_and_labels(ray_session):
         np.testing.assert_array_equal(getattr(local, name), getattr(distributed, name), err_msg=name)
 
 
+@pytest.mark.parametrize("case", ["missing weights", "crash"])
+def test_actor_errors_reach_the_caller(ray_session, covid, tmp_path, tiny_clip, case):
+    """A model that cannot load in the actor raises the loader's own error, and any other failure one line."""
+    import functools
+    import operator
+
+    from linkrisk.models.adapters import load_adapter
+
+    small = covid.subset_patients(sorted(covid.images["patient_id"].unique())[:3], name="covid_small")
+    if case == "missing weights":
+        factory, expected = AdapterFactory("open-clip", tmp_path / "absent", offline=True), InputError
+        message = "absent"
+    else:
+        factory, expected = functools.partial(operator.truediv, 1, 0), EngineError
+        message = "the Ray engine failed while encoding images: ZeroDivisionError: division by zero"
+    with pytest.raises(expected) as caught:
+        embed_cohort(load_adapter("open-clip", tiny_clip), small, tmp_path / "out", EmbedConfig(**FAST, engine="ray"),
+                     {}, adapter_factory=factory)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert "Traceback" not in str(caught.value)
+
+
+def test_gpu_request_without_cluster_gpu(ray_session):
+    from linkrisk.audit.distributed import RayEngine
+
+    queries = np.eye(4, dtype=np.float32)
+    plan = plan_counts(queries, queries, np.arange(4))
+    plan.device = "cuda"
+    with RayEngine() as engine, pytest.raises(ConfigError, match="the Ray cluster has no GPU"):
+        list(engine.map_blocks(plan, plan.blocks()))
+
+
 def test_engine_options_are_checked():
     with pytest.raises(ConfigError, match="unknown engine 'spark'; valid values: local, ray"):
         EmbedConfig(engine="spark").validate()
@@ -288,8 +320,6 @@ def test_reduced_precision_on_real_embeddings(demo_run):
 
 
 def test_unknown_precision_is_named():
-    from linkrisk.errors import InputError
-
     with pytest.raises(InputError, match="unknown score precision 'fp8'; valid values: fp32, bf16, fp16"):
         stream_counts(np.eye(3, dtype=np.float32), np.eye(3, dtype=np.float32), np.arange(3), precision="fp8")
 

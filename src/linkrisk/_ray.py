@@ -18,9 +18,10 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from typing import NoReturn
 
 from linkrisk._logging import logger
-from linkrisk.errors import ConfigError, InputError
+from linkrisk.errors import ConfigError, EngineError, InputError, LinkriskError
 
 ENGINES = ("local", "ray")
 LOCAL_ADDRESSES = (None, "", "local")
@@ -85,6 +86,37 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
 
 
 def unwrap_task_error(err: BaseException) -> BaseException:
-    """Return the exception a Ray task raised (Ray wraps it in ``RayTaskError``), or ``err`` itself."""
-    cause = getattr(err, "cause", None)
-    return cause if isinstance(cause, BaseException) else err
+    """Return the exception a Ray task or Ray Data function raised, following Ray's wrappers, or ``err`` itself.
+
+    Ray wraps a task's exception in ``RayTaskError`` (``.cause``) and Ray Data
+    wraps a function's in ``UserCodeException`` (``__cause__``). The first
+    linkrisk or I/O error in that chain is returned, or else the innermost one.
+    """
+    seen, current = set(), err
+    while id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)
+        if isinstance(cause, BaseException):
+            # A RayTaskError subclasses the original type too, but its message is the remote traceback.
+            current = cause
+            continue
+        if isinstance(current, (LinkriskError, OSError)) or current.__cause__ is None:
+            return current
+        current = current.__cause__
+    return err
+
+
+def raise_from_ray(err: BaseException, what: str) -> NoReturn:
+    """Re-raise a task's own input or I/O error as it is; wrap any other Ray failure in :class:`EngineError`."""
+    cause = unwrap_task_error(err)
+    # Ray Data appends retry advice to the message, so the error is raised again with its own first line.
+    if isinstance(cause, LinkriskError):
+        raise type(cause)(str(cause).strip().splitlines()[0]) from None
+    if isinstance(cause, OSError):
+        raise OSError(cause.errno, cause.strerror, cause.filename) if cause.errno else OSError(
+            str(cause).strip().splitlines()[0]) from None
+    lines = str(cause).strip().splitlines()
+    detail = lines[0] if lines else ""
+    logger.debug("Ray failure in %s", what, exc_info=err)
+    raise EngineError(f"the Ray engine failed while {what}: {type(cause).__name__}: {detail}; finished cache chunks "
+                      "are kept, so rerunning resumes (the full Ray traceback is in the log at debug level)") from err

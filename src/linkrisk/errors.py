@@ -19,3 +19,7 @@ class InputError(LinkriskError):
 
 class ConfigError(LinkriskError):
     """An option value outside its allowed range or set."""
+
+
+class EngineError(LinkriskError):
+    """A failure of a distributed engine (a Ray worker that died or could not start), with its cause."""

@@ -21,8 +21,9 @@ from __future__ import annotations
 import numpy as np
 
 from linkrisk._logging import logger
-from linkrisk._ray import ray_cluster, unwrap_task_error
+from linkrisk._ray import raise_from_ray, ray_cluster
 from linkrisk.audit.ranks import BlockCounts, CountPlan, count_block
+from linkrisk.errors import ConfigError
 
 
 def _count_blocks(plan: CountPlan, blocks: list[np.ndarray]) -> list[BlockCounts]:
@@ -66,6 +67,9 @@ class RayEngine:
         ray = self._ray
         gpu = plan.device.startswith("cuda")
         resources = ray.cluster_resources()
+        if gpu and resources.get("GPU", 0) < 1:
+            raise ConfigError(f"device {plan.device} was requested but the Ray cluster has no GPU; start the cluster "
+                              "on GPU nodes or use --device cpu")
         slots = int(resources.get("GPU" if gpu else "CPU", 1)) or 1
         n_tasks = max(1, min(len(blocks), self.tasks or 2 * slots))
         plan_ref = ray.put(plan)
@@ -78,9 +82,6 @@ class RayEngine:
             done, pending = ray.wait(pending, num_returns=1)
             try:
                 parts = ray.get(done[0])
-            except Exception as err:  # a task's own error, unwrapped
-                cause = unwrap_task_error(err)
-                if cause is err:
-                    raise
-                raise cause from None
+            except Exception as err:  # noqa: BLE001  (Ray wraps errors raised inside tasks)
+                raise_from_ray(err, "counting ranks")
             yield from parts

@@ -29,7 +29,12 @@ import numpy as np
 import torch
 
 from linkrisk._logging import logger
-from linkrisk._ray import unwrap_task_error
+from linkrisk._ray import raise_from_ray
+from linkrisk.errors import ConfigError
+
+
+# Memory reserved by each decoding task (bytes): a batch of large 16-bit radiographs before resizing.
+DECODE_MEMORY_BYTES = 512 * 2**20
 
 
 def _pack(array: np.ndarray) -> dict:
@@ -69,12 +74,20 @@ class _Encoder:
         from linkrisk.models.embed import _autocast, _move
 
         torch.set_num_threads(max(1, threads))
-        self.adapter = factory()
-        _move(self.adapter, device)
         self.side, self.device, self.precision = side, device, precision
         self._autocast = _autocast
+        # A model that fails to load is reported from the first batch, where Ray passes the exception on
+        # as it is (an actor that dies in its constructor only reports that it died).
+        self.error = None
+        try:
+            self.adapter = factory()
+            _move(self.adapter, device)
+        except Exception as err:  # noqa: BLE001  (re-raised below)
+            self.error = err
 
     def __call__(self, batch: dict) -> dict:
+        if self.error is not None:
+            raise self.error
         out = {key: [] for key in ("indices", "errors", "features_data", "features_shape", "features_dtype",
                                    "truncated")}
         for i in range(len(batch["indices"])):
@@ -105,22 +118,22 @@ def _actor_plan(ray, device: str, actors: int) -> tuple[int, dict]:
     if torch.device(device).type == "cuda":
         gpus = int(resources.get("GPU", 0))
         if gpus < 1:
-            raise RuntimeError(f"device {device} was requested but the Ray cluster has no GPU")
+            raise ConfigError(f"device {device} was requested but the Ray cluster has no GPU; start the cluster on "
+                              "GPU nodes or use --device cpu")
         return (actors or gpus), {"num_gpus": 1, "num_cpus": 1}
     cpus = int(resources.get("CPU", 1))
     count = actors or max(1, cpus // 2)
     return count, {"num_cpus": max(1, min(cpus - 1, cpus // count) if cpus > 1 else 1)}
 
 
-def _rows(dataset) -> Iterator[dict]:
-    """Yield the dataset's output rows, re-raising an error from a task or actor as the original exception."""
+def _rows(dataset, what: str) -> Iterator[dict]:
+    """Yield the dataset's output rows; errors from tasks and actors go through :func:`raise_from_ray`."""
+    # Without this, Ray Data replaces a function's exception with a generic UserCodeException.
+    dataset.context.raise_original_map_exception = True
     try:
         yield from dataset.iter_rows()
-    except Exception as err:  # Ray wraps errors raised inside tasks and actors
-        cause = unwrap_task_error(err)
-        if cause is err:
-            raise
-        raise cause from None
+    except Exception as err:  # noqa: BLE001  (Ray wraps errors raised inside tasks and actors)
+        raise_from_ray(err, what)
 
 
 def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[int]], device: str,
@@ -140,15 +153,15 @@ def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[
                 count, ", ".join(f"{key.removeprefix('num_')} {value}" for key, value in resources.items()))
     items = [{"indices": json.dumps([int(i) for i in batch])} for batch in batches]
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    # Decoding tasks are retried if a worker dies; their options differ from the actors', which also keeps
-    # Ray Data from fusing decoding into the encoder actors.
-    dataset = dataset.map(_DecodeBatch(image_dataset), num_cpus=1, max_retries=3)
+    # Decoding tasks reserve memory for a batch of full-size radiographs. Their resource request differs from
+    # the actors', which also keeps Ray Data from fusing decoding into the encoder actors.
+    dataset = dataset.map(_DecodeBatch(image_dataset), num_cpus=1, memory=DECODE_MEMORY_BYTES)
     dataset = dataset.map_batches(_Encoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=count),
                                   fn_constructor_kwargs={"factory": factory, "side": "images", "device": device,
                                                          "precision": precision,
                                                          "threads": int(resources.get("num_cpus", 1))},
                                   **resources)
-    for row in _rows(dataset):
+    for row in _rows(dataset, "encoding images"):
         features = _unpack(row, "features")
         yield json.loads(row["indices"]), (features if features.ndim > 1 else None), json.loads(row["errors"])
 
@@ -166,5 +179,5 @@ def ray_report_batches(ray, factory: Callable, texts: list[str], batches: list[r
                                                          "precision": precision,
                                                          "threads": int(resources.get("num_cpus", 1))},
                                   **resources)
-    for row in _rows(dataset):
+    for row in _rows(dataset, "encoding reports"):
         yield json.loads(row["indices"])[0], _unpack(row, "features"), int(row["truncated"])
