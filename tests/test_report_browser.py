@@ -99,6 +99,10 @@ def _expected_sections(results: dict) -> set[str]:
         expected.add("probes")
     if any(r.get("rank_histogram") for r in main):
         expected.add("risk")
+    if any(r.get("permutation_test") or r.get("upper_bounds") or r.get("attribute_oracle") for r in main):
+        expected.add("evidence")
+    if any(isinstance(entry, dict) and entry.get("splits") for entry in results.get("split_audit") or []):
+        expected.add("splits")
     return expected
 
 

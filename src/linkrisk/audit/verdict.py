@@ -36,6 +36,7 @@ def verdict_line(run: dict) -> str | None:
     pool = _headline_pool(run)
     where = f"N = {pool}" if pool != "full" else "the full pool"
     parts = []
+    above = True  # without a permutation test, the point estimate decides
     test = run.get("permutation_test")
     if test:
         rank_p = test["mean_normalised_rank"]["p_value"]
@@ -50,7 +51,7 @@ def verdict_line(run: dict) -> str | None:
     if bound is not None and bound.get("lift_upper") is not None and math.isfinite(bound["lift_upper"]):
         parts.append(f"at most {bound['lift_upper']:.1f}x chance (Recall@1 at most {100 * bound['upper']:.1f}%) "
                      f"at {where} with {100 * bound['level']:.0f}% confidence")
-    oracle_part = _oracle_clause(run, pool)
+    oracle_part = _oracle_clause(run, pool, above)
     if oracle_part:
         parts.append(oracle_part)
     return "; ".join(parts) if parts else None
@@ -61,11 +62,12 @@ def verdict_line(run: dict) -> str | None:
 _MAX_MISSING_SHARE = 0.5
 
 
-def _oracle_clause(run: dict, pool) -> str | None:
+def _oracle_clause(run: dict, pool, above: bool = True) -> str | None:
     """Compare the model with the attribute oracle and state how much of the linkage above chance attributes explain.
 
     The explained share is ``(oracle - chance) / (model - chance)`` of
-    Recall@1, capped at 100%, and is given only when the model is above chance.
+    Recall@1, capped at 100%, and is given only when the model's Recall@1 is
+    above chance and the permutation test (where run) shows linkage.
     """
     comparison = _entry(run.get("oracle_comparison", []), pool)
     oracle = run.get("attribute_oracle") or {}
@@ -73,13 +75,14 @@ def _oracle_clause(run: dict, pool) -> str | None:
         return None
     if any(share > _MAX_MISSING_SHARE for share in (oracle.get("missing_share") or {}).values()):
         return None
-    names = ", ".join(oracle.get("attributes") or [])
+    names = ", ".join(str(name).replace("_", " ") for name in oracle.get("attributes") or [])
     model, attributes, chance = comparison["model"], comparison["oracle"], comparison["chance"]
     if attributes >= model:
         clause = f"an attacker using only {names} links at least as well as the model there"
-        return clause + ("; all of the linkage above chance may be explained by attributes" if model > chance else "")
+        explained = model > chance and above
+        return clause + ("; all of the linkage above chance may be explained by attributes" if explained else "")
     clause = f"an attacker using only {names} reaches {100 * attributes / model:.0f}% of the model's Recall@1 there"
-    if model > chance:
+    if model > chance and above:
         explained = min(1.0, max(0.0, (attributes - chance) / (model - chance)))
         clause += f"; {100 * explained:.0f}% of the linkage above chance is explained by attributes"
     return clause
