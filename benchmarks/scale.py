@@ -21,7 +21,7 @@ CPU mode (the default) runs, one after the other in one invocation:
   counting from the published peak float32 throughput and HBM bandwidth,
   scaled by the audit-to-matmul-floor ratio measured here, plus (s).
 
-GPU mode (``--gpu``, for a lent GPU machine) measures instead:
+GPU mode (``--gpu``, on a machine with a CUDA device) measures instead:
 
 - the full audit (``run_audits``) at M = 406,241, d = 512, synthetic unit
   vectors with planted pairs, in fp32 and fp16 scores, block size from

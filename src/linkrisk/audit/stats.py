@@ -446,7 +446,8 @@ def studentized_upper_bound(values: np.ndarray, groups: np.ndarray, n_boot: int 
         degenerate = boot_se == 0.0
         t_chunk[degenerate] = np.where(difference[degenerate] == 0.0, 0.0, np.copysign(np.inf, difference[degenerate]))
         t_values[start:start + size] = t_chunk
-    bounds = mean - np.quantile(t_values, 1.0 - level, method="lower", axis=0) * se
+    with np.errstate(invalid="ignore"):  # an infinite quantile times se = 0; such figures return the mean below
+        bounds = mean - np.quantile(t_values, 1.0 - level, method="lower", axis=0) * se
     bounds = np.where(se == 0.0, mean, bounds)
     return float(bounds[0]) if single else bounds
 

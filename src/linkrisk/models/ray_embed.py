@@ -33,8 +33,9 @@ from linkrisk._ray import raise_from_ray
 from linkrisk.errors import ConfigError
 
 
-# Memory reserved by each decoding task (bytes): a batch of large 16-bit radiographs before resizing.
-DECODE_MEMORY_BYTES = 512 * 2**20
+# Memory reserved by each decoding task (bytes): Ray measured up to 646 MiB for a batch of 32 COVID images
+# (the worker's libraries included), so 1 GiB leaves room for larger 16-bit radiographs.
+DECODE_MEMORY_BYTES = 2**30
 
 
 def _pack(array: np.ndarray) -> dict:
