@@ -40,6 +40,22 @@ def test_unreachable_cluster_is_named(monkeypatch):
             pass
 
 
+@pytest.mark.parametrize("address, error, message", [
+    ("127.0.0.1:1", InputError, "could not reach a Ray cluster at '127.0.0.1:1'"),
+    ("ray://127.0.0.1:1", InputError, "could not reach a Ray cluster at 'ray://127.0.0.1:1'"),
+    ("not an address", ConfigError, "invalid Ray address 'not an address'"),
+])
+def test_bad_cluster_addresses_fail_fast(address, error, message):
+    """Port 1 on loopback is closed, so the connection is refused at once instead of Ray retrying for minutes."""
+    from linkrisk._ray import ray_cluster
+
+    if ray.is_initialized():
+        pytest.skip("a cluster is already joined in this process")
+    with pytest.raises(error, match=message):
+        with ray_cluster(address):
+            pass
+
+
 @pytest.fixture(scope="module")
 def ray_session():
     from linkrisk._ray import import_ray
@@ -140,9 +156,13 @@ def test_ray_audit_equals_local(ray_session, both_engines):
 
 
 def _without_timing(result: dict) -> dict:
+    """The audit without its timing fields and the name of the engine that counted it."""
     from linkrisk.provenance import strip_timing
 
-    return json.loads(json.dumps(strip_timing(result), default=str))
+    result = json.loads(json.dumps(strip_timing(result), default=str))
+    assert result["scoring"]["engine"] in ("local", "ray")
+    result["scoring"]["engine"] = None
+    return result
 
 
 def test_ray_counts_equal_local_on_units_and_labels(ray_session):
@@ -335,3 +355,53 @@ def test_block_size_from_free_device_memory(monkeypatch):
     # The plan uses it when no block size is given.
     queries = np.eye(4, dtype=np.float32)
     assert plan_counts(queries, queries, np.arange(4)).block_size == auto_block_size(4, 4, 4)
+
+
+@pytest.mark.parametrize("scale", [1.0, 1e3, 1e5])
+def test_fp16_scores_of_large_norm_rows(scale):
+    """Rows whose scores exceed fp16's range are scaled before the matmul, so the counts stay exact."""
+    queries, candidates, true = _near_tie_cohort(4)
+    queries, candidates = (queries * scale).astype(np.float32), (candidates * scale).astype(np.float32)
+    above, equal = _brute_force(queries, candidates, true)
+    counts = stream_counts(queries, candidates, true, precision="fp16", block_size=50)
+    np.testing.assert_array_equal(counts.above, above)
+    np.testing.assert_array_equal(counts.equal, equal)
+
+
+class _Cluster:
+    """Stand-in for the ``ray`` module's resource query."""
+
+    def __init__(self, cpus: float, gpus: float = 0):
+        self.resources = {"CPU": cpus, "GPU": gpus}
+
+    def cluster_resources(self) -> dict:
+        return self.resources
+
+
+@pytest.mark.parametrize("cpus, gpus, device, actors, expected", [
+    (1, 0, "cpu", 0, (1, {"num_cpus": 0.5})),
+    (2, 0, "cpu", 0, (1, {"num_cpus": 1.0})),
+    (2, 0, "cpu", 2, (2, {"num_cpus": 0.5})),
+    (16, 0, "cpu", 0, (7, {"num_cpus": 2.0})),
+    (16, 2, "cuda", 0, (2, {"num_gpus": 1, "num_cpus": 1.0})),
+    (1, 1, "cuda", 0, (1, {"num_gpus": 1, "num_cpus": 0.5})),
+])
+def test_actors_leave_a_cpu_for_decoding(cpus, gpus, device, actors, expected):
+    from linkrisk.models.ray_embed import _actor_plan, decode_cpus
+
+    cluster = _Cluster(cpus, gpus)
+    count, resources = _actor_plan(cluster, device, actors)
+    assert (count, resources) == expected
+    assert count * resources["num_cpus"] + decode_cpus(cluster) <= cpus
+
+
+@pytest.mark.parametrize("cpus, gpus, device, actors, message", [
+    (2, 0, "cpu", 3, "--actors 3 leaves less than half a CPU per encoder actor on a Ray cluster of 2 CPUs"),
+    (8, 1, "cuda", 2, "--actors 2 asks for one GPU each, but the Ray cluster has 1 GPUs"),
+    (8, 0, "cuda", 0, "the Ray cluster has no GPU"),
+])
+def test_impossible_actor_counts_are_rejected(cpus, gpus, device, actors, message):
+    from linkrisk.models.ray_embed import _actor_plan
+
+    with pytest.raises(ConfigError, match=message):
+        _actor_plan(_Cluster(cpus, gpus), device, actors)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 from typing import NoReturn
 
 from linkrisk._logging import logger
@@ -68,11 +69,15 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
     else:
         options["address"] = address
         logger.info("connecting to the Ray cluster at %s", address)
+        _check_reachable(address)
     try:
         ray.init(**options)
     except ConnectionError as err:
         raise InputError(f"could not reach a Ray cluster at {address!r} ({err}); start one with `ray start --head`, "
                          "or pass --address local to start one inside this run") from err
+    except ValueError as err:  # a malformed address, or Ray Client without its package
+        raise ConfigError(f"invalid Ray address {address!r}: {err}; use local, auto, HOST:PORT or "
+                          "ray://HOST:PORT (Ray Client, from the linkrisk[ray] extra)") from err
     context = ray.data.DataContext.get_current()
     context.enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
@@ -83,6 +88,28 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
     finally:
         ray.shutdown()
         logger.info("Ray cluster %s", "stopped" if address in LOCAL_ADDRESSES else "disconnected")
+
+
+def _check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast on a ``HOST:PORT`` or ``ray://HOST:PORT`` address that accepts no connection.
+
+    ``ray.init`` retries an unreachable head node for minutes without a
+    message, so one TCP connection is tried first. ``auto`` is left to Ray,
+    which reads the address of the cluster ``ray start`` started.
+    """
+    if address == "auto":
+        return
+    target = address.removeprefix("ray://")
+    host, separator, port = target.rpartition(":")
+    if not separator or not host or not port.isdigit():
+        raise ConfigError(f"invalid Ray address {address!r}; use local, auto, HOST:PORT or ray://HOST:PORT")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            pass
+    except OSError as err:
+        raise InputError(f"could not reach a Ray cluster at {address!r} ({err.strerror or err}); check the address, "
+                         "start the head node with `ray start --head`, or pass --address local to start a cluster "
+                         "inside this run") from err
 
 
 def unwrap_task_error(err: BaseException) -> BaseException:

@@ -26,6 +26,7 @@ fallback.
 from __future__ import annotations
 
 import contextlib
+import math
 import warnings
 from dataclasses import dataclass
 
@@ -384,6 +385,12 @@ def plan_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
         block_size = auto_block_size(len(layout.scored), len(candidates), n_units, device=device,
                                      precision=precision, labelled=labelled)
     candidate_norm = float(np.linalg.norm(layout.scored, axis=1).max()) if len(layout.scored) else 0.0
+    if precision == "fp16" and len(queries):
+        # Scores beyond fp16's range (65504) would become inf. Scaling the queries by a power of two keeps every
+        # score below 2^14, is exact in float32, and leaves each query's ordering of the candidates unchanged.
+        largest = float(np.linalg.norm(queries, axis=1).max()) * candidate_norm
+        if largest > 2.0 ** 14:
+            queries = queries * np.float32(2.0 ** -math.ceil(math.log2(largest / 2.0 ** 14)))
     return CountPlan(queries, layout, true_index, true_group, query_order, n_units, len(candidates), labelled,
                      whole_groups, layout.distance.diagonal() == 0 if labelled else None, n_rings, int(block_size),
                      str(device), backend == "auto" and torch.device(device).type == "cpu" and precision == "fp32",
@@ -457,7 +464,8 @@ def _reduced_precision_masks(plan: CountPlan, rows: np.ndarray) -> tuple[torch.T
                               plan.precision)
     margin = torch.as_tensor(2 * bound * (1 + 2.0 ** -10), dtype=torch.float32, device=device).view(-1, 1)
     higher = difference > margin
-    ambiguous = difference.abs() <= margin
+    # Anything not decided either way is re-scored, including differences that are not finite.
+    ambiguous = ~higher & ~(difference < -margin)
     ambiguous.scatter_(1, true_unit, False)
     tied = torch.zeros_like(higher)
     tied.scatter_(1, true_unit, True)

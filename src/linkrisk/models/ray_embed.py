@@ -113,18 +113,39 @@ class _Encoder:
                 for key, values in out.items()}
 
 
-def _actor_plan(ray, device: str, actors: int) -> tuple[int, dict]:
-    """Number of encoder actors and the resources of each."""
+def decode_cpus(ray) -> float:
+    """CPUs each decoding task reserves: 1, or half of a one-CPU cluster's only CPU."""
+    return 1.0 if ray.cluster_resources().get("CPU", 1) >= 2 else 0.5
+
+
+def _actor_plan(ray, device: str, actors: int, decoding: bool = True) -> tuple[int, dict]:
+    """Return the number of encoder actors and the resources of each.
+
+    The actors never reserve every CPU: with ``decoding``, one decoding
+    task must still fit beside them, or Ray would never schedule it and the
+    run would wait forever.
+    """
     resources = ray.cluster_resources()
+    cpus = float(resources.get("CPU", 0))
+    spare = cpus - (decode_cpus(ray) if decoding else 0.0)
     if torch.device(device).type == "cuda":
         gpus = int(resources.get("GPU", 0))
         if gpus < 1:
             raise ConfigError(f"device {device} was requested but the Ray cluster has no GPU; start the cluster on "
                               "GPU nodes or use --device cpu")
-        return (actors or gpus), {"num_gpus": 1, "num_cpus": 1}
-    cpus = int(resources.get("CPU", 1))
-    count = actors or max(1, cpus // 2)
-    return count, {"num_cpus": max(1, min(cpus - 1, cpus // count) if cpus > 1 else 1)}
+        count = actors or gpus
+        if count > gpus:
+            raise ConfigError(f"--actors {count} asks for one GPU each, but the Ray cluster has {gpus} GPUs; use at "
+                              f"most {gpus}")
+        per_actor = min(1.0, spare / count)
+        return count, {"num_gpus": 1, "num_cpus": per_actor}
+    count = actors or max(1, int(spare // 2) or 1)
+    per_actor = spare / count
+    if per_actor < 0.5:
+        most = max(1, int(spare // 0.5))
+        raise ConfigError(f"--actors {count} leaves less than half a CPU per encoder actor on a Ray cluster of "
+                          f"{cpus:g} CPUs (one CPU stays free for decoding); use at most {most}")
+    return count, {"num_cpus": float(int(per_actor)) if per_actor >= 1 else per_actor}
 
 
 def _rows(dataset, what: str) -> Iterator[dict]:
@@ -156,7 +177,7 @@ def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[
     dataset = ray.data.from_items(items, override_num_blocks=len(items))
     # Decoding tasks reserve memory for a batch of full-size radiographs. Their resource request differs from
     # the actors', which also keeps Ray Data from fusing decoding into the encoder actors.
-    dataset = dataset.map(_DecodeBatch(image_dataset), num_cpus=1, memory=DECODE_MEMORY_BYTES)
+    dataset = dataset.map(_DecodeBatch(image_dataset), num_cpus=decode_cpus(ray), memory=DECODE_MEMORY_BYTES)
     dataset = dataset.map_batches(_Encoder, batch_size=1, compute=ray.data.ActorPoolStrategy(size=count),
                                   fn_constructor_kwargs={"factory": factory, "side": "images", "device": device,
                                                          "precision": precision,
@@ -170,7 +191,7 @@ def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[
 def ray_report_batches(ray, factory: Callable, texts: list[str], batches: list[range], device: str,
                        precision: str, actors: int = 0) -> Iterator[tuple[int, np.ndarray, int]]:
     """Yield ``(first row, features, reports truncated)`` per report batch, in completion order."""
-    count, resources = _actor_plan(ray, device, actors)
+    count, resources = _actor_plan(ray, device, actors, decoding=False)
     logger.info("ray engine: %d report batches, %d encoder actors", len(batches), count)
     items = [{"indices": json.dumps([batch.start, batch.stop]), "texts": json.dumps(texts[batch.start:batch.stop])}
              for batch in batches]
