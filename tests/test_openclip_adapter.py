@@ -68,3 +68,20 @@ def test_lone_pt_checkpoint_is_an_error(tiny_folder):
 def test_missing_config_is_named(tmp_path):
     with pytest.raises(InputError, match="open_clip_config.json: not found"):
         OpenClipAdapter.from_local_dir(tmp_path)
+
+
+@pytest.mark.parametrize("name, keep", [("open_clip_model.safetensors", 100_000), ("open_clip_model.pth", 200_000)])
+def test_truncated_weights_are_named(tiny_folder, name, keep):
+    """A weights file cut short (an interrupted download) gives one line naming it, not a traceback."""
+    _, tiny_folder = tiny_folder
+    weights = tiny_folder / name
+    if name.endswith(".pth"):
+        from safetensors.torch import load_file
+
+        torch.save(load_file(str(tiny_folder / "open_clip_model.safetensors")), weights)
+        (tiny_folder / "open_clip_model.safetensors").unlink()
+    weights.write_bytes(weights.read_bytes()[:keep])
+    with pytest.raises(InputError) as caught:
+        OpenClipAdapter.from_local_dir(tiny_folder)
+    assert str(weights) in str(caught.value)
+    assert "damaged or truncated" in str(caught.value)

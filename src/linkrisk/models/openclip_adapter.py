@@ -57,6 +57,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from linkrisk._logging import logger
@@ -333,10 +334,18 @@ def _create_model(folder: Path, weights: list[Path], model_overrides: dict) -> t
         raise InputError(f"{pickles}: rejected, because torch.load(weights_only=True) cannot read it: the file is "
                          "damaged or uses pickle features beyond plain tensors. Download or export the weights "
                          "again, or convert a trusted copy to open_clip_model.safetensors") from err
-    except RuntimeError as err:
-        if "Error(s) in loading state_dict" not in str(err):
-            raise
-        raise InputError(f"{folder}: the weights do not fit the model that {_CONFIG_NAME} (and config.json for a "
-                         "Hugging Face text tower) describe. Check that all files come from one model "
-                         f"({err})") from err
+    except SafetensorError as err:
+        damaged = ", ".join(str(p) for p in weights if p.suffix == ".safetensors")
+        raise InputError(f"{damaged}: not a readable safetensors file ({err}); the file is damaged or truncated, so "
+                         "download or export the weights again") from err
+    except (RuntimeError, EOFError) as err:
+        if "Error(s) in loading state_dict" in str(err):
+            raise InputError(f"{folder}: the weights do not fit the model that {_CONFIG_NAME} (and config.json for "
+                             "a Hugging Face text tower) describe. Check that all files come from one model "
+                             f"({err})") from err
+        pickles = ", ".join(str(p) for p in weights if p.suffix != ".safetensors") or str(folder)
+        # A truncated torch checkpoint fails in its zip reader (RuntimeError) or at the end of the data (EOFError).
+        raise InputError(f"{pickles}: not a readable torch checkpoint ({type(err).__name__}: "
+                         f"{str(err).splitlines()[0] if str(err) else ''}); the file is damaged or truncated, so "
+                         "download or export the weights again") from err
     return model, preprocess
