@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 import pytest
 from scipy.stats import binom, kstest
 
@@ -287,3 +288,24 @@ def test_power_table_fields():
     assert float(binomial_power(entry["required_queries"], 0.01, 0.02)) >= 0.8
     # A lift above N / K is impossible and left out.
     assert power_table(10, 10, [(2, 2)], lifts=(5.0,)) == []
+
+
+def test_device_counting_equals_numpy_counting():
+    """The torch path used on GPUs (unit maxima, one sort per block, binary search) gives the NumPy path's counts."""
+    from linkrisk.audit.stats import _counts_for_targets, _counts_for_targets_on_device, _unit_score_blocks
+
+    rng = np.random.default_rng(3)
+    candidates = rng.normal(size=(900, 16)).astype(np.float32)
+    candidates[5] = candidates[6]  # an exact tie
+    queries = candidates[:600] + 0.5 * rng.normal(size=(600, 16)).astype(np.float32)
+    for unit in (None, np.r_[np.arange(700), rng.integers(0, 700, 200)]):
+        numpy_blocks = _unit_score_blocks(queries, candidates, unit, 128, "cpu", on_device=False)
+        torch_blocks = _unit_score_blocks(queries, candidates, unit, 128, "cpu", on_device=True)
+        for (rows, scores), (same_rows, tensor) in zip(numpy_blocks, torch_blocks):
+            assert isinstance(tensor, torch.Tensor)
+            np.testing.assert_array_equal(rows, same_rows)
+            targets = rng.integers(0, scores.shape[1], size=(len(rows), 7))
+            above, equal = _counts_for_targets(scores, targets)
+            device_above, device_equal = _counts_for_targets_on_device(tensor, targets)
+            np.testing.assert_array_equal(device_above, above)
+            np.testing.assert_array_equal(device_equal, equal)

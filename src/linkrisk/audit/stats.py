@@ -206,12 +206,16 @@ class PermutationTest:
 
 
 def _unit_score_blocks(queries: np.ndarray, candidates: np.ndarray, candidate_unit: np.ndarray | None,
-                       block_size: int, device: str | torch.device):
+                       block_size: int, device: str | torch.device, on_device: bool | None = None):
     """Yield ``(rows, scores)``: float32 ``[B, U]`` unit scores (max over members) per block of queries.
 
     Bitwise-identical candidate rows are scored once and copied, as in
     :func:`~linkrisk.audit.ranks.stream_counts`, so identical texts tie exactly.
+    On a CPU the scores are a NumPy array; on another device they stay
+    there as a torch tensor, for :func:`_counts_for_targets_on_device`
+    (``on_device`` forces either form).
     """
+    on_device = torch.device(device).type != "cpu" if on_device is None else on_device
     if candidate_unit is None:
         column_order, unit_starts = None, None
     else:
@@ -226,9 +230,21 @@ def _unit_score_blocks(queries: np.ndarray, candidates: np.ndarray, candidate_un
         position[distinct] = np.arange(len(distinct))
         expand = position[first]
     scored = torch.as_tensor(np.ascontiguousarray(ordered[distinct]), device=device)
+    expand_t = None if expand is None else torch.as_tensor(expand, device=device)
+    unit_t = None if unit_starts is None else torch.as_tensor(
+        np.repeat(np.arange(len(unit_starts)), np.diff(np.r_[unit_starts, len(candidates)])), device=device)
     for start in range(0, len(queries), block_size):
         rows = np.arange(start, min(start + block_size, len(queries)))
-        scores = (torch.as_tensor(queries[rows], device=device) @ scored.T).cpu().numpy()
+        scores = torch.as_tensor(queries[rows], device=device) @ scored.T
+        if on_device:
+            if expand_t is not None:
+                scores = scores[:, expand_t]
+            if unit_t is not None:
+                scores = torch.full((len(rows), len(unit_starts)), float("-inf"), device=device).scatter_reduce_(
+                    1, unit_t.expand(len(rows), -1), scores, "amax")
+            yield rows, scores
+            continue
+        scores = scores.numpy()
         if expand is not None:
             scores = scores[:, expand]
         if unit_starts is not None:
@@ -254,6 +270,16 @@ def _counts_for_targets(scores: np.ndarray, targets: np.ndarray) -> tuple[np.nda
     return above, equal
 
 
+def _counts_for_targets_on_device(scores: torch.Tensor, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """As :func:`_counts_for_targets` for a torch ``[B_rows, U]`` block on its device: one sort per block."""
+    n_units = scores.shape[1]
+    ordered = torch.sort(scores, dim=1).values
+    values = scores.gather(1, torch.as_tensor(targets, device=scores.device))
+    right = torch.searchsorted(ordered, values, right=True)
+    left = torch.searchsorted(ordered, values, right=False)
+    return (n_units - right).cpu().numpy().astype(np.int64), (right - left - 1).cpu().numpy().astype(np.int64)
+
+
 def permutation_test(queries: np.ndarray, candidates: np.ndarray, true_unit: np.ndarray,
                      query_patients: np.ndarray, *, pools: list[int | str] = ("full",), ks: list[int] = (1,),
                      n_permutations: int = 999, seed: int = 0, ties: str = "random",
@@ -276,7 +302,8 @@ def permutation_test(queries: np.ndarray, candidates: np.ndarray, true_unit: np.
         candidate_unit: ``[M]`` unit of each candidate, ids ``0..U-1``; a unit
             scores the maximum over its members.
         block_size: queries scored per matmul (default: about 128 MiB of scores).
-        device: torch device of the matmul; counting runs on the CPU.
+        device: torch device of the matmul. On a GPU the rows are sorted and searched there too
+            (``torch.sort``, ``torch.searchsorted``); on a CPU with NumPy, row by row.
 
     Statistics are means over queries: expected Recall@K over uniform pools
     (:func:`~linkrisk.audit.recall.expected_recall_at_k`) and the mean
@@ -332,7 +359,8 @@ def permutation_test(queries: np.ndarray, candidates: np.ndarray, true_unit: np.
     rank_sums = np.zeros(n_permutations + 1)
     for rows, scores in _unit_score_blocks(queries, candidates, candidate_unit, block_size, device):
         targets = np.concatenate([true_unit[rows][:, None], permutations.true_units(rows).T], axis=1)
-        above, equal = _counts_for_targets(scores, targets)
+        count = _counts_for_targets if isinstance(scores, np.ndarray) else _counts_for_targets_on_device
+        above, equal = count(scores, targets)
         flat_above, flat_equal = above.ravel(), equal.ravel()
         for entry, (_, size, k) in enumerate(resolved):
             values = expected_recall_at_k(flat_above, flat_equal, n_units, size, k, ties).reshape(above.shape)
