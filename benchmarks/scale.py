@@ -26,6 +26,8 @@ GPU mode (``--gpu``, on a machine with a CUDA device) measures instead:
 - the full audit (``run_audits``) at M = 406,241, d = 512, synthetic unit
   vectors with planted pairs, in fp32 and fp16 scores, block size from
   free device memory, and the bare fp32 matmul floor;
+- the permutation test with 999 patient permutations at the same M (rows
+  sorted and searched on the device);
 - embedding throughput of a ViT-B/16-sized open_clip model on synthetic
   1024 x 1024 JPEGs (``--gpu-images``) through the local engine (8
   workers, bf16 autocast, pinned memory and a copy stream), against the
@@ -202,6 +204,7 @@ def gpu_audit(d: int = 512) -> dict:
     from linkrisk.audit.design import build_design
     from linkrisk.audit.ranks import auto_block_size, stream_counts
     from linkrisk.audit.run import run_audits
+    from linkrisk.audit.stats import permutation_test
 
     data = cohort(FULL_M, d)
     image, report = data["image"], data["report"]
@@ -226,6 +229,9 @@ def gpu_audit(d: int = 512) -> dict:
                                  precision=precision)
         results[f"counting_{precision}_seconds"] = seconds
         results[f"rescored_{precision}"] = counts.rescored
+    seconds, _ = _timed(permutation_test, image, report, np.arange(FULL_M), data["patients"], pools=POOLS, ks=KS,
+                        n_permutations=999, device=device)
+    results["permutation_test_999_seconds"] = seconds
     return results
 
 
