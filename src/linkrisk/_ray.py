@@ -62,7 +62,8 @@ def ray_cluster(address: str | None = None, num_cpus: int | None = None):
                     ray.cluster_resources().get("CPU", 0))
         yield ray
         return
-    options = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
+    # Ray's own warnings (token authentication, deprecations) would break --quiet; linkrisk logs each step itself.
+    options = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     if address in LOCAL_ADDRESSES:
         options["num_cpus"] = num_cpus or os.cpu_count() or 1
         logger.info("starting a local Ray cluster with %d CPUs", options["num_cpus"])
