@@ -1,9 +1,9 @@
 """Scale: the Ray engines against the single-process ones, reduced-precision scores, block sizing.
 
 The Ray tests start a local Ray cluster with 2 CPUs inside the test
-session, embed the real COVID images with a tiny random open_clip model
-through Ray Data, audit through Ray tasks, and compare every output with
-the single-process engines.
+session. They embed the real COVID images with a tiny random open_clip
+model through Ray Data and audit through Ray tasks. Every output is
+compared with the single-process engines'.
 """
 
 from __future__ import annotations

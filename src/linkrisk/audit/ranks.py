@@ -223,13 +223,13 @@ def score_error_bound(query_norm: np.ndarray, candidate_norm: float, dim: int, p
     """Bound the error of a reduced-precision cosine score against its exact value.
 
     The score ``q·c`` is computed from ``q`` and ``c`` rounded to ``precision``,
-    accumulated in float32 and rounded to ``precision`` again. With unit
-    roundoff ``u`` and half the subnormal spacing ``s``, each rounded vector
-    is off by ``δx ≤ u‖x‖ + √D·s``; the product is then off by at most
-    ``(‖q‖+δq)δc + δq‖c‖``, the float32 sum by ``γ_D (‖q‖+δq)(‖c‖+δc)`` with
-    ``γ_D = D·2⁻²⁴ / (1 − D·2⁻²⁴)`` (Higham, *Accuracy and Stability of
-    Numerical Algorithms*, 2nd ed., §3.1), and the output rounding by ``u``
-    times the result. A float64 term (``D·2⁻⁵³``) is added so that decisions
+    accumulated in float32 and rounded to ``precision`` again. Let ``u`` be
+    the unit roundoff and ``s`` half the subnormal spacing. Each rounded
+    vector is off by ``δx ≤ u‖x‖ + √D·s``. The product is then off by at
+    most ``(‖q‖+δq)δc + δq‖c‖``, the float32 sum by
+    ``γ_D (‖q‖+δq)(‖c‖+δc)`` with ``γ_D = D·2⁻²⁴ / (1 − D·2⁻²⁴)`` (Higham,
+    *Accuracy and Stability of Numerical Algorithms*, 2nd ed., §3.1), and
+    the output rounding by ``u`` times the result. A float64 term (``D·2⁻⁵³``) is added so that decisions
     also agree with the float64 re-scores.
 
     Args:
@@ -290,7 +290,7 @@ class BlockCounts:
 class CountPlan:
     """What every block of one pass needs, prepared once: queries, the candidate layout and the block order.
 
-    A plan holds NumPy arrays only, so it pickles cheaply (the Ray engine puts
+    A plan contains NumPy arrays only, so it pickles cheaply (the Ray engine puts
     it in the object store once); torch copies are made on first use in each
     process and are not pickled.
     """
@@ -380,7 +380,9 @@ def plan_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
     # Pathology-matched counts without rings: when no group matches another, distance 0 is one group.
     whole_groups = labelled and not rings and bool(
         (layout.distance != 0)[~np.eye(len(layout.group_starts), dtype=bool)].all())
-    n_rings = (int(layout.distance.max()) + 1 if rings else 1) if labelled else 0
+    n_rings = 0
+    if labelled:
+        n_rings = int(layout.distance.max()) + 1 if rings else 1
     if block_size is None:
         block_size = auto_block_size(len(layout.scored), len(candidates), n_units, device=device,
                                      precision=precision, labelled=labelled)
@@ -397,8 +399,8 @@ def plan_counts(queries: np.ndarray, candidates: np.ndarray, true_index: np.ndar
                      precision, candidate_norm)
 
 
-# NOTE: the CUDA-only paths (block size from free memory, cuBLAS reduction flags) are tested with a mocked
-# torch.cuda.mem_get_info and on CPU only; benchmarks/scale.py --gpu runs them on a real device.
+# NOTE: the CUDA-only paths (block size from free memory, cuBLAS reduction flags) have run with a mocked
+# torch.cuda.mem_get_info only. benchmarks/scale.py --gpu exercises them on a real device.
 @contextlib.contextmanager
 def _full_precision_reductions(device: torch.device):
     """Ask cuBLAS to accumulate reduced-precision products in float32, as the error bound assumes."""
@@ -444,9 +446,10 @@ def _reduced_precision_masks(plan: CountPlan, rows: np.ndarray) -> tuple[torch.T
     """Masks ``higher`` and ``tied`` ``[B, U]`` from reduced-precision scores, ambiguous pairs re-scored in float64.
 
     A pair is decided from the reduced scores when the difference to the
-    true unit's score exceeds twice :func:`score_error_bound`; every other
+    true unit's score exceeds twice :func:`score_error_bound`. Every other
     pair (ties and near-ties) is scored again as a float64 dot product of
-    the float32 embeddings, so the masks equal those of exact float64 scores.
+    the float32 embeddings. The masks therefore equal those of exact
+    float64 scores.
     """
     tensors, device = plan.tensors(), torch.device(plan.device)
     queries = torch.as_tensor(plan.queries[rows], device=device)

@@ -11,10 +11,10 @@ straddle cache chunks) becomes one row of a Ray dataset:
 2. ``map_batches`` runs the frozen image tower in an actor pool, with
    one actor per GPU (or per two CPUs without GPUs). Each actor loads the
    model once;
-3. the driver receives each batch's features as it finishes and the
-   caller writes every completed chunk to the same content-addressed
-   cache the local engine uses, so a killed run resumes with either
-   engine and later steps cannot tell how the features were made.
+3. the driver receives each batch's features as it finishes. The caller
+   writes every completed chunk to the same content-addressed cache the
+   local engine uses. A killed run therefore resumes with either engine,
+   and later steps cannot tell how the features were made.
 
 Reports go the same way without the decoding step. Arrays cross the
 object store as raw bytes with their shape and dtype.
