@@ -139,12 +139,14 @@ def part_counting(m: int, d: int) -> dict:
     results["local_fp32_seconds"] = seconds
     for precision in ("bf16", "fp16"):
         seconds, counts = _timed(stream_counts, image, report, true, precision=precision)
-        assert (counts.above == reference.above).all() and (counts.equal == reference.equal).all()
+        assert (counts.above == reference.above).all()
+        assert (counts.equal == reference.equal).all()
         results[f"local_{precision}_seconds"] = seconds
         results[f"{precision}_rescored_share"] = counts.rescored / (m * m)
     with RayEngine(num_cpus=2) as engine:
         seconds, counts = _timed(stream_counts, image, report, true, engine=engine)
-    assert (counts.above == reference.above).all() and (counts.equal == reference.equal).all()
+    assert (counts.above == reference.above).all()
+    assert (counts.equal == reference.equal).all()
     results["ray_fp32_seconds"] = seconds
     results["pairs_per_second_local"] = m * m / results["local_fp32_seconds"]
     results["floor_flops_per_second"] = 2 * m * m * d / floor

@@ -48,23 +48,6 @@ RUN_TIMEOUT_S = 240
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    """A seeded, randomly initialised open_clip CLIP with 32-pixel inputs, saved as a local model folder."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**config).eval()
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def covid_embedded(tiny_clip, covid, tmp_path_factory) -> Path:
     """An uninterrupted in-process embedding of the whole COVID cohort: the reference and the training folder."""
     from linkrisk.models.adapters import load_adapter
@@ -87,11 +70,16 @@ def openi_public(tiny_clip, openi, tmp_path_factory) -> Path:
     return out
 
 
+# Every run uses the same fixed thread count: MKL may otherwise lower it on a busy machine (MKL_DYNAMIC), which
+# changes float rounding between the interrupted and the uninterrupted run.
+_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "MKL_NUM_THREADS": "2", "MKL_DYNAMIC": "FALSE"}
+
+
 def _start(command: list[str], log: Path) -> subprocess.Popen:
     """Start ``command`` in its own session, logging to ``log`` and writing its stderr beside it."""
     with open(log.with_suffix(".stderr"), "wb") as stderr:
         return subprocess.Popen([*command, "--log-file", str(log)], stdout=subprocess.DEVNULL, stderr=stderr,
-                                start_new_session=True)
+                                start_new_session=True, env=_ENV)
 
 
 def _kill_when(process: subprocess.Popen, log: Path, reached, delay_s: float) -> None:
@@ -113,7 +101,7 @@ def _kill_when(process: subprocess.Popen, log: Path, reached, delay_s: float) ->
 
 def _finish(command: list[str], log: Path) -> None:
     result = subprocess.run([*command, "--log-file", str(log)], capture_output=True, text=True,
-                            timeout=RUN_TIMEOUT_S)
+                            timeout=RUN_TIMEOUT_S, env=_ENV)
     assert result.returncode == 0, result.stderr[-3000:]
 
 

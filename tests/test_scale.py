@@ -67,23 +67,6 @@ def ray_session():
 
 
 @pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory):
-    """A tiny random native CLIP saved in open_clip's folder format, loaded back by name."""
-    import open_clip
-    from safetensors.torch import save_file
-
-    config = {"embed_dim": 16,
-              "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
-              "text_cfg": {"context_length": 12, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
-    torch.manual_seed(0)
-    model = open_clip.CLIP(**config).eval()
-    folder = tmp_path_factory.mktemp("tiny-clip")
-    (folder / "open_clip_config.json").write_text(json.dumps({"model_cfg": config, "preprocess_cfg": {}}))
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "open_clip_model.safetensors"))
-    return folder
-
-
-@pytest.fixture(scope="module")
 def both_engines(ray_session, tiny_clip, covid, tmp_path_factory):
     """Embed every real COVID image and report with each engine into its own folder."""
     from linkrisk.models.adapters import load_adapter

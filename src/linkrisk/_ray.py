@@ -134,7 +134,7 @@ def unwrap_task_error(err: BaseException) -> BaseException:
     return err
 
 
-def raise_from_ray(err: BaseException, what: str) -> NoReturn:
+def raise_from_ray(err: BaseException, step: str) -> NoReturn:
     """Re-raise a task's own input or I/O error as it is; wrap any other Ray failure in :class:`EngineError`."""
     cause = unwrap_task_error(err)
     # Ray Data appends retry advice to the message, so the error is raised again with its own first line.
@@ -145,6 +145,6 @@ def raise_from_ray(err: BaseException, what: str) -> NoReturn:
             str(cause).strip().splitlines()[0]) from None
     lines = str(cause).strip().splitlines()
     detail = lines[0] if lines else ""
-    logger.debug("Ray failure in %s", what, exc_info=err)
-    raise EngineError(f"the Ray engine failed while {what}: {type(cause).__name__}: {detail}; finished cache chunks "
+    logger.debug("Ray failure in %s", step, exc_info=err)
+    raise EngineError(f"the Ray engine failed while {step}: {type(cause).__name__}: {detail}; finished cache chunks "
                       "are kept, so rerunning resumes (the full Ray traceback is in the log at debug level)") from err

@@ -290,9 +290,9 @@ class BlockCounts:
 class CountPlan:
     """What every block of one pass needs, prepared once: queries, the candidate layout and the block order.
 
-    A plan contains NumPy arrays only, so it pickles cheaply (the Ray engine puts
-    it in the object store once); torch copies are made on first use in each
-    process and are not pickled.
+    A plan contains NumPy arrays only, so it pickles cheaply, and the Ray
+    engine puts it in the object store once. Torch copies are made on first
+    use in each process and are not pickled.
     """
 
     queries: np.ndarray

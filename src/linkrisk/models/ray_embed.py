@@ -142,20 +142,20 @@ def _actor_plan(ray, device: str, actors: int, decoding: bool = True) -> tuple[i
     count = actors or max(1, int(spare // 2) or 1)
     per_actor = spare / count
     if per_actor < 0.5:
-        most = max(1, int(spare // 0.5))
+        limit = max(1, int(spare // 0.5))
         raise ConfigError(f"--actors {count} leaves less than half a CPU per encoder actor on a Ray cluster of "
-                          f"{cpus:g} CPUs (one CPU stays free for decoding); use at most {most}")
+                          f"{cpus:g} CPUs (one CPU stays free for decoding); use at most {limit}")
     return count, {"num_cpus": float(int(per_actor)) if per_actor >= 1 else per_actor}
 
 
-def _rows(dataset, what: str) -> Iterator[dict]:
+def _rows(dataset, step: str) -> Iterator[dict]:
     """Yield the dataset's output rows; errors from tasks and actors go through :func:`raise_from_ray`."""
     # Without this, Ray Data replaces a function's exception with a generic UserCodeException.
     dataset.context.raise_original_map_exception = True
     try:
         yield from dataset.iter_rows()
     except Exception as err:  # noqa: BLE001  (Ray wraps errors raised inside tasks and actors)
-        raise_from_ray(err, what)
+        raise_from_ray(err, step)
 
 
 def ray_image_batches(ray, factory: Callable, image_dataset, batches: list[list[int]], device: str,
