@@ -12,7 +12,6 @@ nothing is printed, and logging goes to the ``linkrisk`` logger.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -57,6 +56,7 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
         One audit entry as described in docs/results-schema.md (``runs[]``).
     """
     from linkrisk._ray import ENGINES, check_engine
+    from linkrisk.audit.distributed import counting_engine
     from linkrisk.audit.ranks import PRECISIONS
 
     if not isinstance(monte_carlo, int) or isinstance(monte_carlo, bool) or monte_carlo < 0:
@@ -72,21 +72,10 @@ def audit(embeddings: str | Path, pools: Sequence[int | str] = (10, 100, 1000, "
     fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "fallback")
     engine = normalise_choice(engine, ENGINES, "engine")
     check_engine(engine, address)
-    with _counting_engine(engine, address) as counting:
+    with counting_engine(engine, address) as counting:
         return _audit_folder(embeddings, pools, ks, direction, level, image_level, merge_identical, ties, negatives,
                              label_policy, fallback_choice, monte_carlo, permutations, match, n_boot, seed, device,
                              normalise_choice(precision, PRECISIONS, "precision"), block_size, counting)
-
-
-@contextlib.contextmanager
-def _counting_engine(engine: str, address: str | None):
-    if engine != "ray":
-        yield None
-        return
-    from linkrisk.audit.distributed import RayEngine
-
-    with RayEngine(address) as ray_engine:
-        yield ray_engine
 
 
 def _audit_folder(embeddings, pools, ks, direction, level, image_level, merge_identical, ties, negatives, label_policy,

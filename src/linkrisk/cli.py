@@ -352,6 +352,7 @@ def audit(
         from linkrisk._io import write_json
         from linkrisk._ray import ENGINES, check_engine
         from linkrisk.audit.design import DIRECTIONS, IMAGE_LEVELS, LEVELS
+        from linkrisk.audit.distributed import counting_engine
         from linkrisk.audit.embeddings import audit_folder
         from linkrisk.audit.negatives import LABEL_POLICIES
         from linkrisk.audit.ranks import PRECISIONS
@@ -361,7 +362,7 @@ def audit(
         fallback_choice = normalise_choice(fallback, ("none", "nearest_label"), "--fallback")
         engine = normalise_choice(engine, ENGINES, "--engine")
         check_engine(engine, address)
-        with _count_engine(engine, address) as counting:
+        with counting_engine(engine, address) as counting:
             result = audit_folder(
                 embeddings, _parse_pools(pools), _parse_ks(ks), n_boot=n_boot, seed=seed,
                 negatives=normalise_choice(negatives, NEGATIVES, "--negatives"),
@@ -379,18 +380,6 @@ def audit(
                                    "choose smaller --ks or larger --pools", style="yellow"), soft_wrap=True)
         if json_out:
             write_json(json_out, result)
-
-
-@contextlib.contextmanager
-def _count_engine(engine: str, address: str | None):
-    """Yield the rank-counting engine for ``--engine``: None (local) or a started :class:`RayEngine`."""
-    if engine != "ray":
-        yield None
-        return
-    from linkrisk.audit.distributed import RayEngine
-
-    with RayEngine(address) as ray_engine:
-        yield ray_engine
 
 
 @app.command()

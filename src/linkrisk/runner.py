@@ -18,7 +18,6 @@ embedding chunks and sweep points resume where a killed run stopped.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import datetime
 import itertools
@@ -164,18 +163,6 @@ def _views(audit: dict[str, Any]) -> list[dict[str, str]]:
 MAIN_VIEW = {"direction": "image_to_report", "level": "study", "image_level": "image"}
 
 
-@contextlib.contextmanager
-def _counting_engine(run: dict[str, Any]):
-    """Yield None (local engine) or a started :class:`~linkrisk.audit.distributed.RayEngine`."""
-    if run["engine"] != "ray":
-        yield None
-        return
-    from linkrisk.audit.distributed import RayEngine
-
-    with RayEngine(run["address"]) as engine:
-        yield engine
-
-
 def _audit_one(model: str, cohort: str, folder: Path, cohort_table: dict[str, Any], config: dict[str, Any],
                out: Path, engine=None) -> list[dict[str, Any]]:
     """Audit one embed folder under every view and kind of negatives the configuration requests."""
@@ -281,6 +268,7 @@ def _mitigate(config: dict[str, Any], models: dict[str, Any], out: Path) -> dict
 
 
 def _run_cohorts_and_models(config: dict[str, Any]) -> dict[str, Any]:
+    from linkrisk.audit.distributed import counting_engine
     from linkrisk.report import write_report
 
     started = _timestamp()
@@ -290,7 +278,7 @@ def _run_cohorts_and_models(config: dict[str, Any]) -> dict[str, Any]:
     tables = {table["name"]: table for table in config["cohorts"]}
     runs = []
     # With run.engine = ray, one cluster serves the embedding and the rank counting.
-    with _counting_engine(config["run"]) as engine:
+    with counting_engine(config["run"]["engine"], config["run"]["address"]) as engine:
         models = _embed_all(config, cohorts, out)
         with stage("audits"):
             for model, entry in models.items():

@@ -18,6 +18,8 @@ Example::
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from linkrisk._logging import logger
@@ -29,6 +31,16 @@ from linkrisk.errors import ConfigError
 def _count_blocks(plan: CountPlan, blocks: list[np.ndarray]) -> list[BlockCounts]:
     """Count several blocks in one task (the body of the Ray task)."""
     return [count_block(plan, rows) for rows in blocks]
+
+
+@contextlib.contextmanager
+def counting_engine(engine: str, address: str | None = None):
+    """Yield the rank-counting engine named ``engine``: None for ``local``, or a started :class:`RayEngine`."""
+    if engine != "ray":
+        yield None
+        return
+    with RayEngine(address) as ray_engine:
+        yield ray_engine
 
 
 class RayEngine:

@@ -98,9 +98,9 @@ def oracle_audits(design, images: pd.DataFrame | None, report_row: np.ndarray, p
         ``oracle_comparison``, ``file_metadata_oracle`` and
         ``file_metadata_comparison``, each where computed.
     """
-    # NOTE: a report's image attributes (sex, age band, file metadata) are taken from its own images, so in a small
-    # cohort their combination nearly identifies the pair: on the demo's COVID held-out patients the attribute
-    # oracle reached Recall@1 0.50 over 64 candidates. It is a ceiling, not an attacker who reads them from reports.
+    # NOTE: a report's image attributes (sex, age band, file metadata) are taken from its own images. In a small
+    # cohort their combination nearly identifies the pair (Recall@1 0.50 over the demo's 64 held-out COVID
+    # candidates), so the oracle is a ceiling, not an attacker who reads the attributes from reports.
     result: dict = {}
     image_names = [name for name in ORACLE_ATTRIBUTES if name != LABELS_ATTRIBUTE]
     names = [name for name in image_names if _present(images, name)]

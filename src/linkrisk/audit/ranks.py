@@ -288,7 +288,7 @@ class BlockCounts:
 
 @dataclass
 class CountPlan:
-    """What every block of one pass needs, prepared once: queries, the candidate layout and the block order.
+    """Inputs of every block of one pass, prepared once: queries, the candidate layout and the block order.
 
     A plan contains NumPy arrays only, so it pickles cheaply, and the Ray
     engine puts it in the object store once. Torch copies are made on first
